@@ -1,0 +1,325 @@
+"""Analysis: find the error sites of a traced model, the region and owner of every op, the
+layout of every site, and the residual blocks. networkx does the graph work.
+
+Sites are found by a sweep in forward order that tracks, for every node, the parametrised ops
+whose error is still unresolved there ("pending"). An activation whose input has pending ops
+is a site; an identity site is added where pending ops would otherwise reach a feature-mixing
+op, fan out to several users, or reach an output. The sweep repeats until no site is added.
+"""
+import operator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import ops
+from .errors import PlanError
+from .plan import Layout, ParamRule, Site
+
+_ADDS = {operator.add, torch.add}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A residual block: its output site, the site feeding it, and whether its skip path has
+    parametrised ops (a downsample shortcut)."""
+    output: str
+    input: object
+    downsample: bool
+
+
+@dataclass(frozen=True)
+class SiteGraph:
+    """What the wiring presets need: sites in forward order, nearest downstream sites, blocks."""
+    sites: tuple
+    outputs: tuple
+    downstream: dict
+    blocks: tuple
+
+
+# -- shapes ---------------------------------------------------------------------------------------
+_PROBE_SIZES = (64, 224, 299, 32)
+
+
+def _probe_candidates(gm, modules):
+    """Example input shapes to try, from the first parametrised module that reads the input."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+    if len(inputs) != 1:
+        return []
+    frontier, seen = [inputs[0]], set()
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            m = modules[node.target]
+            rank = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}.get(type(m))
+            if rank:
+                return [torch.zeros((2, m.in_channels) + (s,) * rank) for s in _PROBE_SIZES]
+            if isinstance(m, nn.Linear):
+                return [torch.zeros(2, m.in_features)]
+            if isinstance(m, nn.Embedding):
+                return [torch.zeros(2, 16, dtype=torch.long)]
+        frontier.extend(node.users)
+    return []
+
+
+def propagate_shapes(gm, example_inputs=None):
+    """Fill ``node.meta['tensor_meta']`` without computing anything (fake tensors)."""
+    modules = dict(gm.named_modules())
+    if example_inputs is not None:
+        candidates = [example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)]
+    else:
+        candidates = [(x,) for x in _probe_candidates(gm, modules)]
+    errors = []
+    for args in candidates:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        try:
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            ShapeProp(gm, fake_mode=mode).propagate(*fake)
+            return
+        except Exception as exc:  # a shape the model rejects; try the next candidate
+            errors.append(f"{tuple(args[0].shape) if args else ()}: {exc}")
+    detail = "; ".join(errors[-2:]) or "its first layer does not tell the input's channel count"
+    raise PlanError(
+        f"fxlra cannot infer the tensor shapes of {gm.__class__.__name__} ({detail}). "
+        "Pass one example batch: fxlra.compile(model, example_inputs=x)")
+
+
+def _shape(node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+# -- parametrised ops -----------------------------------------------------------------------------
+def find_param_ops(gm, modules):
+    """Map each node that uses trainable parameters to their qualified names."""
+    trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+    op_params, used_by = {}, {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            names = [f"{node.target}.{n}" for n, p in modules[node.target].named_parameters()
+                     if f"{node.target}.{n}" in trainable]
+        elif node.op in ("call_function", "call_method"):
+            names = [a.target for a in node.all_input_nodes
+                     if a.op == "get_attr" and a.target in trainable]
+        else:
+            continue
+        for name in names:
+            used_by.setdefault(name, []).append(node.name)
+        if names:
+            op_params[node] = names
+    shared = {p: users for p, users in used_by.items() if len(users) > 1}
+    if shared:
+        p, users = next(iter(shared.items()))
+        raise PlanError(f"parameter {p} is used by {len(users)} ops ({', '.join(users)}); rec-LRA "
+                        "updates each parameter with one site's error. Give each use its own "
+                        "module, or freeze it with requires_grad_(False)")
+    unused = sorted(trainable - set(used_by))
+    if unused:
+        raise PlanError(f"parameter {unused[0]} reaches no error site (it is not used by the "
+                        f"traced forward{'; also ' + ', '.join(unused[1:4]) if unused[1:] else ''})"
+                        ". Remove it, or freeze it with requires_grad_(False)")
+    return op_params
+
+
+# -- sites ----------------------------------------------------------------------------------------
+def output_nodes(gm):
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    flat, _ = torch.utils._pytree.tree_flatten(out.args[0])
+    nodes = [a for a in flat if isinstance(a, fx.Node)]
+    if not nodes:
+        raise PlanError("the model returns no tensor; rec-LRA needs logits or predictions")
+    if len(set(nodes)) != len(nodes):
+        raise PlanError("the model returns the same tensor twice; return it once")
+    return nodes
+
+
+def _sweep(nodes, modules, op_params, identity, outputs):
+    """One forward pass of the site rule. Returns (sites, pending) for the given forced sites."""
+    pending, sites = {}, []
+    for node in nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            pending[node] = frozenset()
+            continue
+        incoming = frozenset().union(*(pending[a] for a in node.all_input_nodes))
+        own = incoming | ({node} if node in op_params else frozenset())
+        if node in identity or node in outputs or (incoming and ops.is_activation(node, modules)):
+            sites.append(node)
+            pending[node] = frozenset()
+        else:
+            pending[node] = own
+    return sites, pending
+
+
+def _violations(nodes, modules, op_params, pending):
+    """Nodes that must become identity sites: unresolved errors entering a feature-mixing op,
+    or fanning out to several users."""
+    extra = set()
+    for node in nodes:
+        if node in op_params and ops.is_weight_op(node, modules):
+            extra |= {a for a in node.all_input_nodes if pending[a]}
+        if pending.get(node) and len(node.users) > 1:
+            extra.add(node)
+    return extra
+
+
+def find_sites(gm, modules, op_params):
+    nodes = list(gm.graph.nodes)
+    outputs = output_nodes(gm)
+    identity = set()
+    while True:
+        sites, pending = _sweep(nodes, modules, op_params, identity, set(outputs))
+        extra = _violations(nodes, modules, op_params, pending) - identity
+        if not extra:
+            return sites, outputs, pending
+        identity |= extra
+
+
+def _regions(nodes, sites, pending):
+    """Assign every node with an unresolved error to the site it flows into (its unique user
+    chain ends there, by construction of the identity sites)."""
+    site_set, owner = set(sites), {}
+    for node in reversed(nodes):
+        if node in site_set:
+            owner[node] = node
+        elif pending.get(node) and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user in owner:
+                owner[node] = owner[user]
+    return owner
+
+
+def _channel_dim(site_node, region, modules, op_params, rank):
+    for node in reversed(region):
+        if node in op_params:
+            return -1 if ops.channel_last(node, modules) else 1
+    return -1 if rank == 3 else 1
+
+
+def _layout(node, region, modules, op_params):
+    shape = _shape(node)
+    if shape is None or len(shape) < 2:
+        raise PlanError(f"site {node.name} has shape {shape}; rec-LRA needs a batch dimension and "
+                        "at least one feature dimension (B, C, ...)")
+    if len(shape) == 2:
+        return Layout("vector", shape[1], 1)
+    dim = _channel_dim(node, region, modules, op_params, len(shape))
+    return Layout("spatial", shape[dim], dim)
+
+
+def _site_kind(node, outputs, modules):
+    if node in outputs:
+        return "output"
+    return "activation" if ops.is_activation(node, modules) else "identity"
+
+
+def _make_site(node, kind, region, modules, op_params, loss_phi):
+    if kind == "activation":
+        h = node.all_input_nodes[0].name
+        phi = ops.activation_name(node, modules)
+    else:
+        h, phi = node.name, (loss_phi if kind == "output" else "identity")
+    return Site(name=node.name, kind=kind, h=h, activation=phi,
+                layout=_layout(node, region, modules, op_params),
+                region=tuple(n.name for n in region),
+                ops=tuple(n.name for n in region if n in op_params))
+
+
+# -- blocks ---------------------------------------------------------------------------------------
+def _node_graph(nodes):
+    g = nx.DiGraph()
+    g.add_nodes_from(n.name for n in nodes)
+    g.add_edges_from((a.name, n.name) for n in nodes for a in n.all_input_nodes)
+    return g
+
+
+def _nearest(g, start, site_names, direction):
+    """Sites reached first from ``start`` (itself excluded) going along ``direction``."""
+    step = g.successors if direction == "down" else g.predecessors
+    found, seen, frontier = set(), {start}, list(step(start))
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in site_names:
+            found.add(n)
+        else:
+            frontier.extend(step(n))
+    return found
+
+
+def _upstream_sites(g, node, site_names):
+    return {node} if node in site_names else _nearest(g, node, site_names, "up")
+
+
+def find_blocks(nodes, g, site_names, order, owner, op_params, from_input):
+    """Residual merges: adds of two input-derived tensors where one operand is a skip path
+    (it reaches the block input with no site in between) and the other is not."""
+    blocks = []
+    for node in nodes:
+        is_add = (node.op == "call_function" and node.target in _ADDS) or \
+                 (node.op == "call_method" and node.target == "add")
+        operands = [a for a in node.all_input_nodes if from_input.get(a)]
+        if not is_add or len(operands) != 2:
+            continue
+        ancestors = [nx.ancestors(g, a.name) | {a.name} for a in operands]
+        common = (ancestors[0] & ancestors[1]) & site_names
+        block_input = max(common, key=order.get) if common else None
+        expected = {block_input} if block_input else set()
+        skip = [_upstream_sites(g, a.name, site_names) == expected for a in operands]
+        if sum(skip) != 1:
+            continue
+        skip_nodes = (ancestors[skip.index(True)] - (nx.ancestors(g, block_input) | {block_input})
+                      if block_input else ancestors[skip.index(True)])
+        downsample = any(n.name in skip_nodes for n in op_params)
+        out = owner.get(node)
+        outs = {out.name} if out is not None else _nearest(g, node.name, site_names, "down")
+        blocks += [Block(o, block_input, downsample) for o in sorted(outs, key=order.get)]
+    return tuple(blocks)
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def analyse(gm, loss_phi="softmax", example_inputs=None):
+    """Sites (forward order, primary output last), parameter rules, and the site graph."""
+    modules = dict(gm.named_modules())
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    propagate_shapes(gm, example_inputs)
+    op_params = find_param_ops(gm, modules)
+    nodes = list(gm.graph.nodes)
+    site_nodes, outputs, pending = find_sites(gm, modules, op_params)
+    owner = _regions(nodes, site_nodes, pending)
+    primary = outputs[0]
+    ordered = [n for n in site_nodes if n is not primary] + [primary]
+    sites = []
+    for node in ordered:
+        region = [n for n in nodes if owner.get(n) is node]
+        sites.append(_make_site(node, _site_kind(node, outputs, modules), region, modules,
+                                op_params, loss_phi))
+    rules = []
+    for node, names in op_params.items():
+        site = owner.get(node)
+        if site is None:
+            raise PlanError(f"parameter {names[0]} (op {node.name}) reaches no error site")
+        rules += [ParamRule(p, node.name, ops.rule_name(node, modules), site.name) for p in names]
+    model_order = {n: i for i, (n, _) in enumerate(gm.named_parameters())}
+    rules.sort(key=lambda r: model_order[r.param])
+
+    g = _node_graph(nodes)
+    site_names = {s.name for s in sites}
+    order = {s.name: i for i, s in enumerate(sites)}
+    from_input = {}
+    for n in nodes:
+        from_input[n] = n.op == "placeholder" or any(from_input[a] for a in n.all_input_nodes)
+    downstream = {s: tuple(sorted(_nearest(g, s, site_names, "down"), key=order.get))
+                  for s in site_names}
+    blocks = find_blocks(nodes, g, site_names, order, owner, op_params, from_input)
+    graph = SiteGraph(tuple(s.name for s in sites), tuple(o.name for o in outputs),
+                      downstream, blocks)
+    return tuple(sites), tuple(rules), graph

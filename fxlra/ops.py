@@ -1,0 +1,142 @@
+"""Tables that classify fx nodes: activations, shape-preserving ops, and parametrised ops.
+
+Everything the analysis and the reference need to know about an op kind lives here, keyed by
+the node's module class, function or method name, so that adding an op is adding a table row.
+"""
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import stochastic_depth, StochasticDepth
+
+# --- activations: module class / function / method name -> derivative (None: autograd's) ---------
+_ACTIVATION_MODULES = {cls: None for cls in (
+    nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Softplus,
+    nn.Tanhshrink, nn.LogSigmoid)}
+_ACTIVATION_FUNCTIONS = {fn: None for fn in (
+    F.relu, torch.relu, F.relu6, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.elu, F.celu,
+    F.selu, torch.selu, F.gelu, F.silu, F.mish, F.leaky_relu, F.hardtanh, F.hardswish,
+    F.hardsigmoid, F.softsign, F.softplus, torch.sign, F.logsigmoid)}
+_ACTIVATION_METHODS = {name: None for name in ("relu", "tanh", "sigmoid", "sign")}
+
+
+def register_activation(activation, derivative=None):
+    """Make a user activation (an nn.Module class or a function) an error site.
+
+    ``derivative(h)`` returns phi'(h) elementwise; without it autograd differentiates ``phi``.
+    A registered module class is traced as a leaf, a registered function is wrapped by fx.
+    """
+    if isinstance(activation, type) and issubclass(activation, nn.Module):
+        _ACTIVATION_MODULES[activation] = derivative
+    elif callable(activation):
+        _ACTIVATION_FUNCTIONS[activation] = derivative
+    else:
+        raise TypeError("register_activation takes an nn.Module class or a function, got "
+                        f"{type(activation).__name__}")
+
+
+def registered_activation_modules():
+    return [cls for cls in _ACTIVATION_MODULES if not cls.__module__.startswith("torch.")]
+
+
+def registered_activation_functions():
+    return [fn for fn in _ACTIVATION_FUNCTIONS
+            if (getattr(fn, "__module__", None) or "torch").split(".")[0] not in ("torch", "builtins")]
+
+
+def _lookup(node, modules, by_module, by_function, by_method):
+    """The table entry for ``node``; ``(False, None)`` when it is not in the table."""
+    if node.op == "call_module":
+        cls = type(modules[node.target])
+        for key in cls.__mro__:
+            if key in by_module:
+                return True, by_module[key]
+    elif node.op == "call_function" and node.target in by_function:
+        return True, by_function[node.target]
+    elif node.op == "call_method" and node.target in by_method:
+        return True, by_method[node.target]
+    return False, None
+
+
+def is_activation(node, modules):
+    return _lookup(node, modules, _ACTIVATION_MODULES, _ACTIVATION_FUNCTIONS,
+                   _ACTIVATION_METHODS)[0]
+
+
+def activation_derivative(node, modules):
+    """The registered derivative of an activation node, or None (use autograd)."""
+    return _lookup(node, modules, _ACTIVATION_MODULES, _ACTIVATION_FUNCTIONS,
+                   _ACTIVATION_METHODS)[1]
+
+
+def activation_name(node, modules):
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+# --- shape-preserving ops the error is carried through unchanged (one sign per tensor input) -----
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+          nn.RMSNorm)
+_DROPOUTS = (nn.modules.dropout._DropoutNd, StochasticDepth)
+_PASS_MODULES = {cls: (1,) for cls in _NORMS + _DROPOUTS + (nn.Identity,)}
+_PASS_MODULES.update({cls: (1,) for cls in _ACTIVATION_MODULES})
+_PASS_FUNCTIONS = {
+    operator.add: (1, 1), operator.sub: (1, -1), operator.mul: (1, 1), operator.truediv: (1, 1),
+    torch.add: (1, 1), torch.sub: (1, -1), torch.mul: (1, 1), torch.div: (1, 1),
+    operator.neg: (-1,), torch.neg: (-1,), torch.clone: (1,), F.dropout: (1,),
+    F.dropout1d: (1,), F.dropout2d: (1,), F.dropout3d: (1,), F.alpha_dropout: (1,),
+    stochastic_depth: (1,), F.batch_norm: (1,), F.layer_norm: (1,), F.group_norm: (1,),
+}
+_PASS_FUNCTIONS.update({fn: (1,) for fn in _ACTIVATION_FUNCTIONS})
+_PASS_METHODS = {
+    "add": (1, 1), "sub": (1, -1), "mul": (1, 1), "div": (1, 1), "neg": (-1,),
+    "contiguous": (1,), "clone": (1,), "float": (1,), "double": (1,), "half": (1,),
+    "bfloat16": (1,), "to": (1,), "type_as": (1,),
+}
+_PASS_METHODS.update({m: (1,) for m in _ACTIVATION_METHODS})
+
+
+def pass_through_signs(node, modules):
+    """Signs with which the error passes to each tensor input, or None if the op needs a VJP."""
+    return _lookup(node, modules, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS)[1]
+
+
+# --- parametrised ops: rule name, whether the op mixes features (a "weight op"), channel axis ----
+# A weight op (linear, conv, attention, ...) needs a site in front of it when its input still
+# carries an unresolved error; an elementwise parametrised op (norm affine, bias, scale) does not.
+_RULE_MODULES = {
+    nn.Linear: "linear", nn.Bilinear: "local-vjp",
+    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
+    nn.modules.batchnorm._BatchNorm: "batchnorm", nn.LayerNorm: "layernorm",
+    nn.GroupNorm: "groupnorm", nn.modules.instancenorm._InstanceNorm: "instancenorm",
+    nn.RMSNorm: "rmsnorm", nn.Embedding: "embedding",
+}
+_RULE_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
+_CHANNEL_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding,
+                 nn.MultiheadAttention)
+_CHANNEL_LAST_FUNCTIONS = (F.linear, F.layer_norm)
+
+
+def rule_name(node, modules):
+    """The update rule of a parametrised op; "local-vjp" when fxlra has no rule of its own."""
+    found, name = _lookup(node, modules, _RULE_MODULES, _RULE_FUNCTIONS, {})
+    if found:
+        return name
+    if pass_through_signs(node, modules) is not None:
+        return "elementwise"
+    return "local-vjp"
+
+
+def is_weight_op(node, modules):
+    """True for parametrised ops that mix features; False for elementwise ones (norms, bias)."""
+    return pass_through_signs(node, modules) is None
+
+
+def channel_last(node, modules):
+    """Whether the op's output keeps its features in the last axis (linear, attention, LN)."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _CHANNEL_LAST)
+    return node.op == "call_function" and node.target in _CHANNEL_LAST_FUNCTIONS

@@ -1,0 +1,178 @@
+"""The Plan: the frozen, printable, verifiable result of analysis and wiring.
+
+A Plan says, by fx node name, where every error site is, which nodes form its region (the ops
+between the previous sites and it, through which its error is carried locally), which parameter
+is updated by which rule with which site's error, and which error synapses connect the sites.
+The reference interpreter and the code generator both read only the Plan and the GraphModule.
+"""
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+SITE_KINDS = ("output", "activation", "identity")
+SYNAPSE_KINDS = ("dense", "broadcast", "pointwise", "pool")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a site's tensor holds its features: a vector (B, C) or a spatial map with C channels
+    on ``channel_dim`` (1 for NCHW maps, -1 for tokens and channels-last tensors)."""
+    kind: str
+    channels: int
+    channel_dim: int
+
+    def __str__(self):
+        if self.kind == "vector":
+            return f"vector[{self.channels}]"
+        return f"spatial[{self.channels}@{self.channel_dim}]"
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str            # the fx node whose output is z
+    kind: str            # "output", "activation" or "identity"
+    h: str               # the node holding the pre-activation (== name for identity/output)
+    activation: str      # what phi is: "identity", "softmax", "Tanh", "relu", ...
+    layout: Layout
+    region: tuple        # nodes whose output error is this site's, in forward order (site last)
+    ops: tuple           # parametrised ops in the region, in forward order
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    param: str           # qualified parameter name in the model
+    op: str              # the fx node that uses it
+    rule: str            # "linear", "conv", "batchnorm", ..., "local-vjp"
+    site: str            # the owner site whose error drives it
+
+
+@dataclass(frozen=True)
+class Edge:
+    parent: str          # the site whose error is sent
+    child: str           # the site that receives the displacement
+    synapse: str         # one of SYNAPSE_KINDS, or "custom"
+    in_features: int
+    out_features: int
+
+    @property
+    def key(self):
+        return f"{self.parent}__to__{self.child}"
+
+
+def _frozen_mapping(pairs):
+    return MappingProxyType(dict(pairs))
+
+
+@dataclass(frozen=True)
+class Plan:
+    sites: tuple                     # Site, in forward order, primary output last
+    outputs: tuple                   # names of the output sites, primary first
+    params: tuple                    # ParamRule, in model order
+    edges: tuple                     # Edge, sorted by (child, parent) forward positions
+    wiring: str                      # how the error graph was made ("residual", "custom", ...)
+    _index: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        index = {s.name: s for s in self.sites}
+        object.__setattr__(self, "_index", index)
+
+    # -- queries ----------------------------------------------------------------------------
+    def site(self, name):
+        return self._index[name]
+
+    @property
+    def site_names(self):
+        return tuple(s.name for s in self.sites)
+
+    def parents(self, name):
+        return tuple(e.parent for e in self.edges if e.child == name)
+
+    def children(self, name):
+        return tuple(e.child for e in self.edges if e.parent == name)
+
+    def edge(self, parent, child):
+        for e in self.edges:
+            if (e.parent, e.child) == (parent, child):
+                return e
+        raise KeyError(f"no error synapse {parent} -> {child}")
+
+    @property
+    def depth(self):
+        """Shortest number of error synapses from an output site, for every site."""
+        depth = {name: 0 for name in self.outputs}
+        frontier = list(self.outputs)
+        while frontier:
+            nxt = []
+            for parent in frontier:
+                for child in self.children(parent):
+                    if child not in depth:
+                        depth[child] = depth[parent] + 1
+                        nxt.append(child)
+            frontier = nxt
+        return _frozen_mapping((s.name, depth.get(s.name)) for s in self.sites)
+
+    def error_order(self):
+        """Sites in an order where every parent comes before its children (outputs first)."""
+        done, order = set(), []
+        pending = [s.name for s in self.sites]
+        while pending:
+            ready = [n for n in pending if all(p in done for p in self.parents(n))]
+            if not ready:
+                raise AssertionError("error graph has a cycle; Plan.verify should have caught it")
+            for n in sorted(ready, key=self._position, reverse=True):
+                order.append(n)
+                done.add(n)
+            pending = [n for n in pending if n not in done]
+        return tuple(order)
+
+    def _position(self, name):
+        return self.site_names.index(name)
+
+    def rules_of(self, site):
+        return tuple(r for r in self.params if r.site == site)
+
+    # -- checks -------------------------------------------------------------------------------
+    def verify(self):
+        """Check the Plan's invariants; raise AssertionError naming the first one broken."""
+        names = self.site_names
+        assert len(set(names)) == len(names), "duplicate site names"
+        assert self.outputs and names[-1] == self.outputs[0], "primary output must be last"
+        for s in self.sites:
+            assert s.kind in SITE_KINDS, f"site {s.name}: unknown kind {s.kind}"
+            assert s.region and s.region[-1] == s.name, f"site {s.name}: region must end at it"
+        seen = {}
+        for s in self.sites:
+            for node in s.region:
+                assert node not in seen, f"node {node} is in the regions of {seen[node]} and {s.name}"
+                seen[node] = s.name
+        params = [r.param for r in self.params]
+        assert len(set(params)) == len(params), "a parameter has more than one rule"
+        for r in self.params:
+            assert r.site in self._index, f"{r.param}: unknown site {r.site}"
+            assert r.op in self._index[r.site].ops, f"{r.param}: op {r.op} not in {r.site}"
+        for e in self.edges:
+            assert e.parent in self._index and e.child in self._index, f"edge {e.key}: unknown site"
+            assert e.child not in self.outputs, f"edge {e.key}: outputs take no displacement"
+        for s in self.sites:
+            if s.name not in self.outputs:
+                assert self.parents(s.name), f"site {s.name} has no parent in the error graph"
+        self.error_order()
+        assert all(d is not None for d in self.depth.values()), "a site is unreachable"
+        return self
+
+    # -- printing -----------------------------------------------------------------------------
+    def __str__(self):
+        depth = self.depth
+        lines = [f"Plan: {len(self.sites)} sites, {len(self.edges)} error synapses, "
+                 f"{len(self.params)} parameters, wiring {self.wiring}"]
+        lines.append("sites (forward order):")
+        for s in self.sites:
+            parents = ", ".join(self.parents(s.name)) or "labels"
+            lines.append(f"  {s.name:<24} {s.kind:<10} phi={s.activation:<10} {str(s.layout):<18}"
+                         f" depth {depth[s.name]}  error from: {parents}")
+        lines.append("error synapses:")
+        for e in self.edges:
+            lines.append(f"  {e.parent} -> {e.child}: {e.synapse} {e.in_features}->{e.out_features}")
+        lines.append("parameters:")
+        for r in self.params:
+            lines.append(f"  {r.param:<40} rule {r.rule:<12} op {r.op:<20} site {r.site}")
+        return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""The program object ``fxlra.compile`` returns: an ``nn.Module`` holding the model and its error
+synapses, with ``step``, ``updates``, ``sites``, ``wiring``, ``synapse``, ``explain`` and the
+model's forward as ``prog(x)``.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import analysis, passes, reference, rules, synapses as syn, trace, wiring as wiring_mod
+from .errors import InputError, WiringError
+from .plan import Edge, Plan
+
+
+@dataclass
+class StepResult:
+    """What ``prog.step`` returns: the loss and the per-site discrepancies ||e_i||^2."""
+    loss: torch.Tensor
+    discrepancies: dict
+
+
+class Program(nn.Module):
+    """A model compiled for rec-LRA training. ``prog.parameters()`` are the model's parameters
+    followed by the error synapses'; ``step`` writes their updates into ``.grad``."""
+
+    def __init__(self, model, graph_module, plan, graph, synapse_modules, options):
+        super().__init__()
+        self.model = model
+        self.synapses = nn.ModuleDict(synapse_modules)
+        object.__setattr__(self, "graph_module", graph_module)
+        object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "_wiring", graph)
+        self.options = dict(options)
+
+    # -- what users read --------------------------------------------------------------------------
+    @property
+    def sites(self):
+        """Site names in forward order, the output last."""
+        return self.plan.site_names
+
+    @property
+    def wiring(self):
+        """The error graph as a networkx.DiGraph (edges parent -> child)."""
+        return self._wiring.copy()
+
+    def synapse(self, parent, child):
+        """The error synapse module E_{parent -> child}."""
+        try:
+            return self.synapses[self.plan.edge(parent, child).key]
+        except KeyError:
+            raise WiringError(f"there is no error synapse {parent} -> {child}; the edges into "
+                              f"{child} come from {list(self.plan.parents(child))}") from None
+
+    def explain(self):
+        """For every parameter: its site, its rule, and the sites its error comes from."""
+        lines = [f"{'parameter':<44} {'site':<22} {'rule':<12} error from"]
+        depth = self.plan.depth
+        for r in self.plan.params:
+            parents = ", ".join(self.plan.parents(r.site)) or "labels (output)"
+            note = "  (local VJP of the op: fxlra has no rule of its own)" \
+                if r.rule == "local-vjp" else ""
+            lines.append(f"model.{r.param:<38} {r.site:<22} {r.rule:<12} {parents}"
+                         f" [depth {depth[r.site]}]{note}")
+        for e in self.plan.edges:
+            for name, _ in self.synapses[e.key].named_parameters():
+                lines.append(f"synapses.{e.key}.{name:<12} {e.child:<22} "
+                             f"{'synapse-' + self.options['error_rule']:<12} {e.parent}")
+        lines.append("No parameter is trained by backpropagation: every update uses only its own "
+                     "site's error.")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return f"fxlra.Program({type(self.model).__name__})\n{self.plan}"
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    # -- training ---------------------------------------------------------------------------------
+    def _signals(self, x, y):
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"inputs must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise InputError(f"the batch is empty (input shape {tuple(x.shape)})")
+        edges = {e.key: self.synapses[e.key] for e in self.plan.edges}
+        return reference.compute_updates(self.graph_module, self.plan, edges, x, y, self.options)
+
+    def _named_updates(self, sig):
+        updates = {f"model.{n}": u for n, u in sig.params.items()}
+        for key, per_param in sig.synapses.items():
+            updates.update({f"synapses.{key}.{n}": u for n, u in per_param.items()})
+        return {n: updates[n] for n, _ in self.named_parameters() if n in updates}
+
+    def updates(self, x, y):
+        """The raw rec-LRA updates (before re-projection), keyed by ``named_parameters()``."""
+        return self._named_updates(self._signals(x, y))
+
+    def step(self, x, y):
+        """Forward, targets, errors, local updates; re-projected and added into ``.grad``."""
+        sig = self._signals(x, y)
+        updates = self._named_updates(sig)
+        clip = self.options["clip"]
+        for name, p in self.named_parameters():
+            if name not in updates:
+                continue
+            u = rules.reproject(updates[name], clip).to(p.dtype)
+            p.grad = u.clone() if p.grad is None else p.grad + u
+        return StepResult(sig.loss.detach(), {k: v.detach() for k, v in sig.discrepancies.items()})
+
+
+def _build_edges(plan_sites, graph, name, overrides, std):
+    """Edges of the error graph with their synapse modules, in a deterministic order."""
+    index = {s.name: s for s in plan_sites}
+    position = {s.name: k for k, s in enumerate(plan_sites)}
+    pairs = sorted(graph.edges(), key=lambda e: (position[e[1]], position[e[0]]))
+    overrides = dict(overrides or {})
+    unknown = [k for k in overrides if tuple(k) not in set(pairs)]
+    if unknown:
+        raise WiringError(f"synapses= names edges {unknown} that are not in the error graph")
+    edges, modules = [], {}
+    for parent, child in pairs:
+        override = overrides.get((parent, child))
+        module = syn.make(None, index[parent].layout, index[child].layout, std, override)
+        kind = module.kind if isinstance(module, syn.Synapse) else "custom"
+        edge = Edge(parent, child, kind, index[parent].layout.channels,
+                    index[child].layout.channels)
+        edges.append(edge)
+        modules[edge.key] = module
+    return tuple(edges), modules
+
+
+def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1, gamma=1.0,
+            alpha=1.0, kappa=1.0, error_rule="hebbian-z", local_rule="hebbian", clip=1.0,
+            error_init_std=0.05, synapses=None, leaf_modules=(), concrete_args=None,
+            example_inputs=None):
+    """Trace ``model``, find its error sites, wire them, and return a :class:`Program`.
+
+    See the README for every option and the paper's value of each in each experiment.
+    """
+    rules.check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
+                        error_init_std)
+    gm = passes.make_out_of_place(trace.trace(model, leaf_modules, concrete_args))
+    sites, params, site_graph = analysis.analyse(gm, rules.OUTPUT_PHI[loss], example_inputs)
+    graph, name = wiring_mod.build(wiring, site_graph, depth)
+    edges, modules = _build_edges(sites, graph, name, synapses, error_init_std)
+    plan = Plan(sites=sites, outputs=site_graph.outputs, params=params, edges=edges,
+                wiring=name).verify()
+    options = dict(loss=loss, beta=beta, gamma=gamma, alpha=alpha, kappa=kappa,
+                   error_rule=error_rule, local_rule=local_rule, clip=clip)
+    device_dtype = next(model.parameters(), torch.empty(0))
+    prog = Program(model, gm, plan, graph, modules, options)
+    prog.synapses.to(device=device_dtype.device, dtype=device_dtype.dtype)
+    prog.train(model.training)
+    return prog

@@ -1,0 +1,99 @@
+"""The formulas of the contract that do not depend on the graph: output errors, inner errors,
+error-synapse rules, per-depth options, and re-projection. Shared by every implementation.
+"""
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError, OptionError
+
+LOSSES = ("cross_entropy", "mse")
+LOCAL_RULES = ("hebbian", "dx")
+# error rule -> (sign, which cotangent the synapse's weight-gradient takes)
+ERROR_RULES = {"hebbian-d": (-1.0, "d"), "hebbian-z": (1.0, "z"), "derived": (-1.0, "derived")}
+OUTPUT_PHI = {"cross_entropy": "softmax", "mse": "identity"}
+
+
+def check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip, error_init_std):
+    """Raise OptionError naming the first bad option; nothing is built before this passes."""
+    choices = (("loss", loss, LOSSES), ("local_rule", local_rule, LOCAL_RULES),
+               ("error_rule", error_rule, tuple(ERROR_RULES)))
+    for name, value, allowed in choices:
+        if value not in allowed:
+            raise OptionError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+    for name, value in (("beta", beta), ("gamma", gamma), ("error_init_std", error_init_std)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise OptionError(f"{name} must be a number, got {value!r}")
+    for name, value in (("alpha", alpha), ("kappa", kappa)):
+        values = value.values() if isinstance(value, Mapping) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise OptionError(f"{name} must be a number or a mapping depth -> number, got {value!r}")
+        if isinstance(value, Mapping) and not all(isinstance(k, int) and k >= 1 for k in value):
+            raise OptionError(f"{name}'s keys are error-graph depths (ints >= 1), got {list(value)}")
+    if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
+        raise OptionError(f"clip must be a positive number or None, got {clip!r}")
+
+
+def at_depth(value, depth):
+    """A per-depth option's value: a number, or a mapping whose deepest key covers deeper sites."""
+    if not isinstance(value, Mapping):
+        return float(value)
+    if depth in value:
+        return float(value[depth])
+    below = [k for k in value if k <= depth]
+    return float(value[max(below)] if below else value[min(value)])
+
+
+def targets_for(v, y, loss):
+    """The dense target tensor for the output ``v``: one-hot for class labels, else ``y``."""
+    if not isinstance(y, torch.Tensor):
+        raise InputError(f"labels must be a tensor, got {type(y).__name__}")
+    if y.device != v.device:
+        raise InputError(f"labels are on {y.device} but the model's output is on {v.device}; "
+                         "move them with y.to(device)")
+    if not y.is_floating_point():
+        classes = v.shape[-1]
+        if y.dim() != 1 or y.shape[0] != v.shape[0] or v.dim() != 2:
+            raise InputError(f"class labels must have shape ({v.shape[0]},) for an output of shape "
+                             f"{tuple(v.shape)}; got {tuple(y.shape)}")
+        if y.numel() and (y.min() < 0 or y.max() >= classes):
+            raise InputError(f"class labels must lie in [0, {classes - 1}]; got values from "
+                             f"{int(y.min())} to {int(y.max())}")
+        return F.one_hot(y, classes).to(v.dtype)
+    if y.shape != v.shape:
+        raise InputError(f"targets of shape {tuple(y.shape)} do not match the output's shape "
+                         f"{tuple(v.shape)}; pass class labels of shape ({v.shape[0]},) or "
+                         f"{'one-hot rows' if loss == 'cross_entropy' else 'targets'} shaped like "
+                         "the output")
+    if not torch.isfinite(y).all():
+        raise InputError("targets contain NaN or infinity")
+    return y.to(v.dtype)
+
+
+def output_error(v, target, loss):
+    """e_L and the loss value: softmax(v) - onehot(y) with the mean cross-entropy, or v - y with
+    the mean squared error."""
+    if loss == "cross_entropy":
+        e = torch.softmax(v, dim=-1) - target
+        value = -(target * torch.log_softmax(v, dim=-1)).sum(-1).mean()
+    else:
+        e = v - target
+        value = F.mse_loss(v, target)
+    return e, value
+
+
+def inner_error(z, y, alpha, kappa):
+    """e = kappa * (alpha * (z - y) + (1 - alpha) * sign(z - y))."""
+    diff = z - y
+    if alpha == 1.0:
+        return kappa * diff
+    return kappa * (alpha * diff + (1.0 - alpha) * torch.sign(diff))
+
+
+def reproject(update, clip):
+    """The Gaussian-ball re-projection: D * min(1, c / ||D||_F)."""
+    if clip is None:
+        return update
+    norm = torch.linalg.vector_norm(update)
+    return update * torch.clamp(clip / norm, max=1.0) if norm > 0 else update

@@ -1,0 +1,100 @@
+"""Error synapses: modules that map a parent site's error to a displacement shaped like the
+child site's z. Their kind follows the two layouts, so their size depends on feature counts only.
+
+    vector  -> vector   "dense"      d = e W^T                              W: (C_i, C_j)
+    vector  -> spatial  "broadcast"  dense to C_i channels, broadcast over space
+    spatial -> spatial  "pointwise"  1x1 map over channels, then resized to the child's space
+    spatial -> vector   "pool"       global average over space, then dense
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import OptionError
+
+KIND_BY_LAYOUT = {("vector", "vector"): "dense", ("vector", "spatial"): "broadcast",
+                  ("spatial", "spatial"): "pointwise", ("spatial", "vector"): "pool"}
+
+
+def _resize(x, size):
+    """Resize the spatial dims of (B, C, *S) to ``size``: average when shrinking, nearest
+    neighbour when growing; differing spatial ranks are flattened to one sequence axis."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    if x.dim() - 2 != len(size) or len(size) > 3:
+        flat = x.flatten(2)
+        return _resize(flat, (math.prod(size),)).reshape(*x.shape[:2], *size)
+    if all(s <= t for s, t in zip(size, x.shape[2:])):
+        pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(size) - 1]
+        return pool(x, size)
+    return F.interpolate(x, size=tuple(size), mode="nearest")
+
+
+class Synapse(nn.Module):
+    """E_{j->i}: ``forward(e_j, shape_i)`` returns d shaped like z_i. ``weight`` is (C_i, C_j)."""
+
+    def __init__(self, kind, in_features, out_features, parent_dim=1, child_dim=1, std=0.05):
+        super().__init__()
+        if kind not in _APPLY:
+            raise OptionError(f"unknown synapse kind {kind!r}; choose one of {sorted(_APPLY)}")
+        self.kind, self.parent_dim, self.child_dim = kind, parent_dim, child_dim
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) * std)
+
+    def forward(self, e, shape):
+        return _APPLY[self.kind](self, e, tuple(shape))
+
+    def extra_repr(self):
+        out, inp = self.weight.shape
+        return f"{self.kind}, {inp} -> {out}"
+
+
+def _dense(syn, e, shape):
+    return (e @ syn.weight.t()).reshape(shape)
+
+
+def _broadcast(syn, e, shape):
+    d = e @ syn.weight.t()
+    view = [1] * len(shape)
+    view[0], view[syn.child_dim] = shape[0], shape[syn.child_dim]
+    return d.reshape(view).expand(shape)
+
+
+def _pointwise(syn, e, shape):
+    d = e.movedim(syn.parent_dim, -1) @ syn.weight.t()          # (B, *S_j, C_i)
+    d = d.movedim(-1, 1)                                         # (B, C_i, *S_j)
+    child = list(shape)
+    channels = child.pop(syn.child_dim)
+    d = _resize(d, child[1:])
+    assert d.shape[1] == channels
+    return d.movedim(1, syn.child_dim)
+
+
+def _pool(syn, e, shape):
+    spatial = [d for d in range(1, e.dim()) if d != syn.parent_dim % e.dim()]
+    return e.mean(dim=spatial) @ syn.weight.t()
+
+
+_APPLY = {"dense": _dense, "broadcast": _broadcast, "pointwise": _pointwise, "pool": _pool}
+
+
+def make(edge, parent_layout, child_layout, std, override=None):
+    """The synapse module of an edge: the default for its layouts, a kind named in ``override``,
+    or the user's own module."""
+    if isinstance(override, nn.Module):
+        return override
+    kind = override or KIND_BY_LAYOUT[(parent_layout.kind, child_layout.kind)]
+    return Synapse(kind, parent_layout.channels, child_layout.channels,
+                   parent_layout.channel_dim, child_layout.channel_dim, std)
+
+
+def apply(synapse, e, shape, params=None):
+    """Run any synapse (fxlra's or a user's module), optionally with other parameter tensors,
+    and check the displacement's shape."""
+    args = (e, tuple(shape)) if isinstance(synapse, Synapse) else (e,)
+    d = synapse(*args) if params is None else torch.func.functional_call(synapse, params, args)
+    if tuple(d.shape) != tuple(shape):
+        raise OptionError(f"error synapse {type(synapse).__name__} returned shape "
+                          f"{tuple(d.shape)} but its child site has shape {tuple(shape)}")
+    return d

@@ -1,0 +1,96 @@
+"""Tracing: turn any ``nn.Module`` into an ``fx.GraphModule``, or explain why it cannot be done.
+
+Standard ``torch.nn`` modules stay leaves (fx's default); ``leaf_modules`` adds classes or
+qualified module names, ``concrete_args`` is passed through. A tracing failure becomes a
+:class:`~fxlra.errors.TraceError` naming the user's file and line, the kind of problem and the fixes.
+"""
+import os
+import traceback
+
+import torch
+from torch import fx, nn
+
+from .errors import TraceError
+from .ops import registered_activation_functions, registered_activation_modules
+
+# (substring of the fx/torch message, kind of problem, the fix that applies first)
+_PROBLEMS = (
+    ("cannot be used as inputs to control flow",
+     "control flow on a tensor (an `if`, `while` or `assert` on a traced value)",
+     "pass the deciding argument in concrete_args=, or make the enclosing module a leaf "
+     "(leaf_modules=[...]) and fxlra will treat it as one op"),
+    ("cannot be iterated",
+     "iteration over a traced value (a loop or unpacking of a tensor)",
+     "index the tensor explicitly, or make the enclosing module a leaf (leaf_modules=[...])"),
+    ("len(.) is not supported",
+     "len() of a traced value",
+     "use x.shape[0] inside a function wrapped with torch.fx.wrap, or make the module a leaf"),
+    ("cannot be interpreted as an integer",
+     "a shape used as a Python value (for example range(x.size(0)))",
+     "move that code into a function decorated with torch.fx.wrap, or make the module a leaf"),
+    ("as an index",
+     "a shape used as a Python value (a traced value used as an index)",
+     "move that code into a function decorated with torch.fx.wrap, or make the module a leaf"),
+)
+_DEFAULT_PROBLEM = ("an operation torch.fx cannot trace",
+                    "make the module that does it a leaf (leaf_modules=[...]), wrap the function "
+                    "with torch.fx.wrap, or fix its Python-valued arguments with concrete_args=")
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, fx))
+_OWN_DIR = os.path.dirname(__file__) + os.sep
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules=()):
+        super().__init__(autowrap_functions=tuple(registered_activation_functions()))
+        self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self._leaf_types += tuple(registered_activation_modules())
+        self._leaf_names = {n for n in leaf_modules if isinstance(n, str)}
+
+    def is_leaf_module(self, m, qualname):
+        if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _user_frame(exc):
+    """The innermost traceback frame that belongs to neither torch nor fxlra."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        name = frame.filename
+        if not name.startswith(_LIBRARY_DIRS + (_OWN_DIR,)) and not name.startswith("<"):
+            return frame
+    return frames[-1] if frames else None
+
+
+def _explain(exc):
+    text = str(exc)
+    for needle, kind, fix in _PROBLEMS:
+        if needle in text:
+            return kind, fix
+    return _DEFAULT_PROBLEM
+
+
+def trace(model, leaf_modules=(), concrete_args=None):
+    """Symbolically trace ``model`` into a GraphModule whose submodules are the model's own."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxlra.compile expects an nn.Module, got {type(model).__name__}")
+    leaf_modules = tuple(leaf_modules or ())
+    bad = [x for x in leaf_modules if not (isinstance(x, str) or
+                                             (isinstance(x, type) and issubclass(x, nn.Module)))]
+    if bad:
+        raise TypeError(f"leaf_modules= takes nn.Module classes or qualified module names; "
+                        f"got {bad!r}")
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises many kinds; each becomes one clear message
+        kind, fix = _explain(exc)
+        frame = _user_frame(exc)
+        where = f"{frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" \
+            if frame else "an unknown place"
+        raise TraceError(
+            f"fxlra could not trace {type(model).__name__}: {kind} at {where}. "
+            f"Fix: {fix}. (torch.fx said: {type(exc).__name__}: {exc})") from None
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
