@@ -6,6 +6,7 @@ whose error is still unresolved there ("pending"). An activation whose input has
 is a site; an identity site is added where pending ops would otherwise reach a feature-mixing
 op, fan out to several users, or reach an output. The sweep repeats until no site is added.
 """
+import logging
 import operator
 from dataclasses import dataclass
 
@@ -13,22 +14,13 @@ import networkx as nx
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from . import ops
 from .errors import PlanError
-from .plan import Layout, ParamRule, Site
+from .plan import Block, Layout, ParamRule, Site
 
 _ADDS = {operator.add, torch.add}
-
-
-@dataclass(frozen=True)
-class Block:
-    """A residual block: its output site, the site feeding it, and whether its skip path has
-    parametrised ops (a downsample shortcut)."""
-    output: str
-    input: object
-    downsample: bool
 
 
 @dataclass(frozen=True)
@@ -41,7 +33,17 @@ class SiteGraph:
 
 
 # -- shapes ---------------------------------------------------------------------------------------
-_PROBE_SIZES = (64, 224, 299, 32)
+_PROBE_SIZES = (64, 32, 28, 224, 299, 96, 128)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph on fake tensors and stores each node's tensor metadata."""
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        n.meta["tensor_meta"] = torch.utils._pytree.tree_map(
+            lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v, result)
+        return result
 
 
 def _probe_candidates(gm, modules):
@@ -58,10 +60,13 @@ def _probe_candidates(gm, modules):
         if node.op == "call_module":
             m = modules[node.target]
             rank = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}.get(type(m))
+            like = dict(dtype=m.weight.dtype, device=m.weight.device) if rank or \
+                isinstance(m, nn.Linear) else {}
             if rank:
-                return [torch.zeros((2, m.in_channels) + (s,) * rank) for s in _PROBE_SIZES]
+                return [torch.zeros((2, m.in_channels) + (s,) * rank, **like)
+                        for s in _PROBE_SIZES]
             if isinstance(m, nn.Linear):
-                return [torch.zeros(2, m.in_features)]
+                return [torch.zeros(2, m.in_features, **like)]
             if isinstance(m, nn.Embedding):
                 return [torch.zeros(2, 16, dtype=torch.long)]
         frontier.extend(node.users)
@@ -76,14 +81,21 @@ def propagate_shapes(gm, example_inputs=None):
     else:
         candidates = [(x,) for x in _probe_candidates(gm, modules)]
     errors = []
-    for args in candidates:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        try:
-            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            ShapeProp(gm, fake_mode=mode).propagate(*fake)
-            return
-        except Exception as exc:  # a shape the model rejects; try the next candidate
-            errors.append(f"{tuple(args[0].shape) if args else ()}: {exc}")
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)      # a rejected probe shape is expected, not an error
+    try:
+        for args in candidates:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            try:
+                fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+                with mode:
+                    _ShapeRecorder(gm).run(*fake)
+                return
+            except Exception as exc:  # a shape the model rejects; try the next candidate
+                errors.append(f"{tuple(args[0].shape) if args else ()}: {exc}")
+    finally:
+        quiet.setLevel(level)
     detail = "; ".join(errors[-2:]) or "its first layer does not tell the input's channel count"
     raise PlanError(
         f"fxlra cannot infer the tensor shapes of {gm.__class__.__name__} ({detail}). "
@@ -92,7 +104,23 @@ def propagate_shapes(gm, example_inputs=None):
 
 def _shape(node):
     meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def _tensor_valued(node):
+    """Whether a node computes tensors (not shapes, ints or other Python values)."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, TensorMetadata):
+        return True
+    return isinstance(meta, (tuple, list)) and any(isinstance(m, TensorMetadata) for m in meta)
+
+
+def _from_input(nodes):
+    """Nodes whose value depends on the model's input (only those can hold error neurons)."""
+    found = {}
+    for n in nodes:
+        found[n] = n.op == "placeholder" or any(found[a] for a in n.all_input_nodes)
+    return found
 
 
 # -- parametrised ops -----------------------------------------------------------------------------
@@ -128,10 +156,23 @@ def find_param_ops(gm, modules):
 
 
 # -- sites ----------------------------------------------------------------------------------------
+def _is_tuple_builder(node):
+    """A call that only packs tensors into a (named) tuple, as models with aux heads return."""
+    return node.op == "call_function" and isinstance(node.target, type) and \
+        issubclass(node.target, tuple)
+
+
 def output_nodes(gm):
+    """The tensors the model returns, in order, looking through (named) tuple construction."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    flat, _ = torch.utils._pytree.tree_flatten(out.args[0])
-    nodes = [a for a in flat if isinstance(a, fx.Node)]
+    pending, nodes = [out.args[0]], []
+    while pending:
+        flat, _ = torch.utils._pytree.tree_flatten(pending.pop(0))
+        for a in flat:
+            if isinstance(a, fx.Node) and _is_tuple_builder(a):
+                pending.append((a.args, a.kwargs))
+            elif isinstance(a, fx.Node):
+                nodes.append(a)
     if not nodes:
         raise PlanError("the model returns no tensor; rec-LRA needs logits or predictions")
     if len(set(nodes)) != len(nodes):
@@ -139,16 +180,17 @@ def output_nodes(gm):
     return nodes
 
 
-def _sweep(nodes, modules, op_params, identity, outputs):
+def _sweep(nodes, modules, op_params, identity, outputs, from_input):
     """One forward pass of the site rule. Returns (sites, pending) for the given forced sites."""
     pending, sites = {}, []
     for node in nodes:
-        if node.op in ("placeholder", "get_attr", "output"):
+        if node.op in ("placeholder", "get_attr", "output") or not _tensor_valued(node):
             pending[node] = frozenset()
             continue
         incoming = frozenset().union(*(pending[a] for a in node.all_input_nodes))
         own = incoming | ({node} if node in op_params else frozenset())
-        if node in identity or node in outputs or (incoming and ops.is_activation(node, modules)):
+        activation = incoming and from_input[node] and ops.is_activation(node, modules)
+        if node in identity or node in outputs or activation:
             sites.append(node)
             pending[node] = frozenset()
         else:
@@ -156,25 +198,45 @@ def _sweep(nodes, modules, op_params, identity, outputs):
     return sites, pending
 
 
-def _violations(nodes, modules, op_params, pending):
+def _violations(nodes, modules, op_params, pending, from_input):
     """Nodes that must become identity sites: unresolved errors entering a feature-mixing op,
-    or fanning out to several users."""
+    or fanning out to several users. Only input-derived tensors can be sites; an error that
+    fans out from a parameter-only computation has no single owner and is rejected."""
     extra = set()
     for node in nodes:
         if node in op_params and ops.is_weight_op(node, modules):
-            extra |= {a for a in node.all_input_nodes if pending[a]}
+            extra |= {a for a in node.all_input_nodes if pending[a] and from_input[a]}
         if pending.get(node) and len(node.users) > 1:
-            extra.add(node)
+            if not from_input[node]:
+                names = sorted(n.name for n in pending[node])
+                raise PlanError(f"the parameters of {names} feed {len(node.users)} ops through "
+                                f"{node.name} before reaching the input's path; rec-LRA needs one "
+                                "owner site per parameter. Freeze them, or compute them inside a "
+                                "leaf module (leaf_modules=[...])")
+            extra |= _nearest_tensor(node, pending)
     return extra
+
+
+def _nearest_tensor(node, pending):
+    """The node itself if it is one tensor; for a tuple (chunk, split, attention outputs) the
+    tensors with unresolved errors that feed it, where an identity site can sit."""
+    if _shape(node) is not None:
+        return {node}
+    found = set()
+    for a in node.all_input_nodes:
+        if pending.get(a):
+            found |= _nearest_tensor(a, pending)
+    return found
 
 
 def find_sites(gm, modules, op_params):
     nodes = list(gm.graph.nodes)
     outputs = output_nodes(gm)
+    from_input = _from_input(nodes)
     identity = set()
     while True:
-        sites, pending = _sweep(nodes, modules, op_params, identity, set(outputs))
-        extra = _violations(nodes, modules, op_params, pending) - identity
+        sites, pending = _sweep(nodes, modules, op_params, identity, set(outputs), from_input)
+        extra = _violations(nodes, modules, op_params, pending, from_input) - identity
         if not extra:
             return sites, outputs, pending
         identity |= extra
@@ -314,9 +376,7 @@ def analyse(gm, loss_phi="softmax", example_inputs=None):
     g = _node_graph(nodes)
     site_names = {s.name for s in sites}
     order = {s.name: i for i, s in enumerate(sites)}
-    from_input = {}
-    for n in nodes:
-        from_input[n] = n.op == "placeholder" or any(from_input[a] for a in n.all_input_nodes)
+    from_input = _from_input(nodes)
     downstream = {s: tuple(sorted(_nearest(g, s, site_names, "down"), key=order.get))
                   for s in site_names}
     blocks = find_blocks(nodes, g, site_names, order, owner, op_params, from_input)

@@ -46,6 +46,16 @@ class ParamRule:
 
 
 @dataclass(frozen=True)
+class Block:
+    """A residual block found at a merge (an add whose inputs include a skip path): its output
+    site, the site feeding it (None: the model input), and whether its skip path has
+    parametrised ops (a downsample shortcut)."""
+    output: str
+    input: object
+    downsample: bool
+
+
+@dataclass(frozen=True)
 class Edge:
     parent: str          # the site whose error is sent
     child: str           # the site that receives the displacement
@@ -69,6 +79,7 @@ class Plan:
     params: tuple                    # ParamRule, in model order
     edges: tuple                     # Edge, sorted by (child, parent) forward positions
     wiring: str                      # how the error graph was made ("residual", "custom", ...)
+    blocks: tuple = ()               # Block, one per residual merge, in forward order
     _index: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -152,6 +163,8 @@ class Plan:
         for e in self.edges:
             assert e.parent in self._index and e.child in self._index, f"edge {e.key}: unknown site"
             assert e.child not in self.outputs, f"edge {e.key}: outputs take no displacement"
+        for b in self.blocks:
+            assert b.output in self._index, f"block output {b.output} is not a site"
         for s in self.sites:
             if s.name not in self.outputs:
                 assert self.parents(s.name), f"site {s.name} has no parent in the error graph"
@@ -169,6 +182,11 @@ class Plan:
             parents = ", ".join(self.parents(s.name)) or "labels"
             lines.append(f"  {s.name:<24} {s.kind:<10} phi={s.activation:<10} {str(s.layout):<18}"
                          f" depth {depth[s.name]}  error from: {parents}")
+        if self.blocks:
+            lines.append("residual blocks (merge -> output site, fed by, shortcut):")
+            for b in self.blocks:
+                lines.append(f"  {b.output:<24} from {b.input or 'input'}"
+                             f"{'  (downsample)' if b.downsample else ''}")
         lines.append("error synapses:")
         for e in self.edges:
             lines.append(f"  {e.parent} -> {e.child}: {e.synapse} {e.in_features}->{e.out_features}")

@@ -143,7 +143,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     graph, name = wiring_mod.build(wiring, site_graph, depth)
     edges, modules = _build_edges(sites, graph, name, synapses, error_init_std)
     plan = Plan(sites=sites, outputs=site_graph.outputs, params=params, edges=edges,
-                wiring=name).verify()
+                wiring=name, blocks=site_graph.blocks).verify()
     options = dict(loss=loss, beta=beta, gamma=gamma, alpha=alpha, kappa=kappa,
                    error_rule=error_rule, local_rule=local_rule, clip=clip)
     device_dtype = next(model.parameters(), torch.empty(0))
