@@ -256,11 +256,18 @@ def _regions(nodes, sites, pending):
     return owner
 
 
-def _channel_dim(site_node, region, modules, op_params, rank):
+def _channel_dim(shape, region, modules, op_params):
+    """The feature axis of a site: the axis (1 or last) whose size is the feature count of the
+    nearest parametrised op in its region; the op's kind decides when both or neither match."""
     for node in reversed(region):
         if node in op_params:
-            return -1 if ops.channel_last(node, modules) else 1
-    return -1 if rank == 3 else 1
+            last = ops.channel_last(node, modules)
+            features = ops.feature_count(node, modules, modules[""])
+            matches = [d for d in (1, -1) if shape[d] == features]
+            if len(matches) == 1:
+                return matches[0]
+            return -1 if last else 1
+    return -1 if len(shape) == 3 else 1
 
 
 def _layout(node, region, modules, op_params):
@@ -270,7 +277,7 @@ def _layout(node, region, modules, op_params):
                         "at least one feature dimension (B, C, ...)")
     if len(shape) == 2:
         return Layout("vector", shape[1], 1)
-    dim = _channel_dim(node, region, modules, op_params, len(shape))
+    dim = _channel_dim(shape, region, modules, op_params)
     return Layout("spatial", shape[dim], dim)
 
 

@@ -140,3 +140,27 @@ def channel_last(node, modules):
     if node.op == "call_module":
         return isinstance(modules[node.target], _CHANNEL_LAST)
     return node.op == "call_function" and node.target in _CHANNEL_LAST_FUNCTIONS
+
+
+_FEATURE_ATTRIBUTES = ("out_features", "out_channels", "num_features", "num_channels",
+                       "embedding_dim", "embed_dim")
+
+
+def feature_count(node, modules, root):
+    """How many features a parametrised op produces: a module's attribute, or for a function
+    the leading size of its first parameter (weight (out, in), norm weight (C,)); else None."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        for name in _FEATURE_ATTRIBUTES:
+            if isinstance(getattr(m, name, None), int):
+                return getattr(m, name)
+        shape = getattr(m, "normalized_shape", None)
+        return shape[-1] if shape else None
+    for a in node.all_input_nodes:
+        if a.op == "get_attr":
+            value = root
+            for part in a.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, nn.Parameter) and value.dim():
+                return value.shape[0]
+    return None

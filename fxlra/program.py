@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import analysis, passes, reference, rules, synapses as syn, trace, wiring as wiring_mod
+from . import analysis, codegen, passes, reference, rules, synapses as syn, trace, wiring as wiring_mod
 from .errors import InputError, WiringError
 from .plan import Edge, Plan
 
@@ -31,6 +31,9 @@ class Program(nn.Module):
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "_wiring", graph)
         self.options = dict(options)
+        self._generated, self._code, self._update_names, self.fallbacks = codegen.build(
+            graph_module, plan, synapse_modules, options)
+        object.__setattr__(self, "_by_name", dict(self.named_parameters()))
 
     # -- what users read --------------------------------------------------------------------------
     @property
@@ -76,35 +79,52 @@ class Program(nn.Module):
         return self.graph_module(*args, **kwargs)
 
     # -- training ---------------------------------------------------------------------------------
-    def _signals(self, x, y):
+    @property
+    def code(self):
+        """The generated update program's Python source."""
+        return self._code
+
+    @staticmethod
+    def _check_input(x):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"inputs must be a tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[0] == 0:
             raise InputError(f"the batch is empty (input shape {tuple(x.shape)})")
+
+    def reference_signals(self, x, y):
+        """Every signal of the reference interpreter (the specification) for one batch."""
+        self._check_input(x)
         edges = {e.key: self.synapses[e.key] for e in self.plan.edges}
         return reference.compute_updates(self.graph_module, self.plan, edges, x, y, self.options)
 
-    def _named_updates(self, sig):
+    def reference_updates(self, x, y):
+        """The reference interpreter's raw updates, keyed like ``updates``."""
+        sig = self.reference_signals(x, y)
         updates = {f"model.{n}": u for n, u in sig.params.items()}
         for key, per_param in sig.synapses.items():
             updates.update({f"synapses.{key}.{n}": u for n, u in per_param.items()})
         return {n: updates[n] for n, _ in self.named_parameters() if n in updates}
 
+    def _run(self, x, y):
+        self._check_input(x)
+        with torch.no_grad():
+            return self._generated(x, y)
+
     def updates(self, x, y):
         """The raw rec-LRA updates (before re-projection), keyed by ``named_parameters()``."""
-        return self._named_updates(self._signals(x, y))
+        _, _, updates = self._run(x, y)
+        found = dict(zip(self._update_names, updates))
+        return {n: found[n] for n, _ in self.named_parameters() if n in found}
 
     def step(self, x, y):
         """Forward, targets, errors, local updates; re-projected and added into ``.grad``."""
-        sig = self._signals(x, y)
-        updates = self._named_updates(sig)
-        clip = self.options["clip"]
-        for name, p in self.named_parameters():
-            if name not in updates:
-                continue
-            u = rules.reproject(updates[name], clip).to(p.dtype)
-            p.grad = u.clone() if p.grad is None else p.grad + u
-        return StepResult(sig.loss.detach(), {k: v.detach() for k, v in sig.discrepancies.items()})
+        loss, errors, updates = self._run(x, y)
+        with torch.no_grad():
+            params = [self._by_name[n] for n in self._update_names]
+            rules.reproject_all(updates, self.options["clip"])
+            rules.accumulate_grads(params, updates)
+        discrepancies = {s: e.pow(2).sum() / e.shape[0] for s, e in errors.items()}
+        return StepResult(loss, discrepancies)
 
 
 def _build_edges(plan_sites, graph, name, overrides, std):

@@ -97,3 +97,20 @@ def reproject(update, clip):
         return update
     norm = torch.linalg.vector_norm(update)
     return update * torch.clamp(clip / norm, max=1.0) if norm > 0 else update
+
+
+def reproject_all(updates, clip):
+    """Re-project every update in place with multi-tensor ops: one norm pass, one scale pass."""
+    if clip is None or not updates:
+        return updates
+    norms = torch._foreach_norm(updates)
+    scales = [torch.clamp(clip / n, max=1.0) for n in norms]
+    torch._foreach_mul_(updates, scales)
+    return updates
+
+
+def accumulate_grads(params, updates):
+    """Write updates into ``.grad`` (adding to a gradient that is already there)."""
+    for p, u in zip(params, updates):
+        u = u.to(p.dtype)
+        p.grad = u if p.grad is None else p.grad.add_(u)

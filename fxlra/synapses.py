@@ -50,15 +50,21 @@ class Synapse(nn.Module):
         return f"{self.kind}, {inp} -> {out}"
 
 
+def place(d, kind, shape, child_dim):
+    """Lay a (B, C_i) displacement out like the child: as is (dense) or over its space."""
+    if kind == "dense":
+        return d.reshape(shape)
+    view = [1] * len(shape)
+    view[0], view[child_dim] = shape[0], shape[child_dim]
+    return d.reshape(view).expand(shape)
+
+
 def _dense(syn, e, shape):
-    return (e @ syn.weight.t()).reshape(shape)
+    return place(e @ syn.weight.t(), "dense", shape, syn.child_dim)
 
 
 def _broadcast(syn, e, shape):
-    d = e @ syn.weight.t()
-    view = [1] * len(shape)
-    view[0], view[syn.child_dim] = shape[0], shape[syn.child_dim]
-    return d.reshape(view).expand(shape)
+    return place(e @ syn.weight.t(), "broadcast", shape, syn.child_dim)
 
 
 def _pointwise(syn, e, shape):
@@ -77,6 +83,50 @@ def _pool(syn, e, shape):
 
 
 _APPLY = {"dense": _dense, "broadcast": _broadcast, "pointwise": _pointwise, "pool": _pool}
+
+
+# -- explicit weight-gradients (summed over the batch), for the generated program ---------------
+def _dense_grad(syn, e, c):
+    return c.reshape(c.shape[0], -1).t() @ e
+
+
+def _broadcast_grad(syn, e, c):
+    spatial = [d for d in range(1, c.dim()) if d != syn.child_dim % c.dim()]
+    return c.sum(spatial).t() @ e
+
+
+def _pool_grad(syn, e, c):
+    spatial = [d for d in range(1, e.dim()) if d != syn.parent_dim % e.dim()]
+    return c.t() @ e.mean(dim=spatial)
+
+
+def _pointwise_grad(syn, e, c):
+    child_spatial = [n for k, n in enumerate(c.shape[1:], 1) if k != syn.child_dim % c.dim()]
+    parent_spatial = [n for k, n in enumerate(e.shape[1:], 1) if k != syn.parent_dim % e.dim()]
+    if child_spatial != parent_spatial:
+        return None
+    c2 = c.movedim(syn.child_dim, -1).reshape(-1, c.shape[syn.child_dim])
+    e2 = e.movedim(syn.parent_dim, -1).reshape(-1, e.shape[syn.parent_dim])
+    return c2.t() @ e2
+
+
+_GRADS = {"dense": _dense_grad, "broadcast": _broadcast_grad, "pool": _pool_grad,
+          "pointwise": _pointwise_grad}
+
+
+def weight_grads(synapse, e, c):
+    """VJP_E(c): the synapse's parameter gradients at input ``e`` for the cotangent ``c``,
+    summed over the batch, as a list in ``named_parameters`` order. Explicit for fxlra's kinds
+    (a resizing pointwise synapse and user modules use torch.func on the synapse alone)."""
+    if isinstance(synapse, Synapse):
+        grad = _GRADS[synapse.kind](synapse, e, c)
+        if grad is not None:
+            return [grad]
+    params = dict(synapse.named_parameters())
+    shape = tuple(c.shape)
+    _, pullback = torch.func.vjp(lambda p: apply(synapse, e, shape, p), params)
+    (grads,) = pullback(c)
+    return [grads[n] for n in params]
 
 
 def make(edge, parent_layout, child_layout, std, override=None):

@@ -1,0 +1,402 @@
+"""Code generation: turn a Plan into the Python source of one rec-LRA update function.
+
+The function reads like hand-written code: the forward pass (one statement per node), then the
+error stage in an order where parents come before children (a ``# site <name>`` comment before
+each block; every depth-1 synapse that reads the same vector error shares one matrix multiply),
+then the local updates of every site, then the error-synapse updates. Values are deleted after
+their last use. The source is deterministic and compiled under a registered file name so that
+tracebacks and ``inspect`` show the generated lines.
+"""
+import linecache
+import operator
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from . import local, ops, rules, synapses as syn
+
+
+def _is_simple(value):
+    return value is None or isinstance(value, (bool, int, float, str)) or value is Ellipsis
+
+
+class _Source:
+    """Statements with the variables each defines and uses, for freeing after last use."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, text, defs=(), uses=()):
+        self.rows.append((text, tuple(defs), tuple(uses)))
+
+    def comment(self, text):
+        self.rows.append((f"# {text}", (), ()))
+
+    def render(self, keep):
+        last = {}
+        for k, (_, defs, uses) in enumerate(self.rows):
+            for v in defs + uses:
+                last[v] = k
+        lines = []
+        for k, (text, _, _) in enumerate(self.rows):
+            lines.append("    " + text)
+            dead = sorted(v for v, at in last.items() if at == k and v not in keep)
+            if dead and not text.startswith("return "):
+                lines.append(f"    del {', '.join(dead)}")
+        return lines
+
+
+class Generator:
+    def __init__(self, gm, plan, synapse_modules, options):
+        self.gm, self.plan, self.o = gm, plan, options
+        self.synapses = synapse_modules
+        self.modules = dict(gm.named_modules())
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.env = {"torch": torch, "operator": operator, "F": F, "local": local,
+                    "rules": rules, "syn": syn}
+        self._global_ids = {}
+        self.src = _Source()
+        self.fallbacks = []              # op names that use torch.func on one op
+        self._shared = {}                # edge key -> (shared projection part, synapse kind)
+
+    # -- names and expressions --------------------------------------------------------------------
+    def glob(self, obj, hint):
+        key = id(obj)
+        if key not in self._global_ids:
+            name = re.sub(r"\W", "_", hint)
+            while name in self.env:
+                name += "_"
+            self.env[name] = obj
+            self._global_ids[key] = name
+        return self._global_ids[key]
+
+    def fmt(self, arg, subst=None):
+        subst = subst or {}
+        if isinstance(arg, fx.Node):
+            return subst.get(arg.name, arg.name)
+        if isinstance(arg, tuple):
+            inner = ", ".join(self.fmt(a, subst) for a in arg)
+            return f"({inner},)" if len(arg) == 1 else f"({inner})"
+        if isinstance(arg, list):
+            return "[" + ", ".join(self.fmt(a, subst) for a in arg) + "]"
+        if isinstance(arg, dict):
+            return "{" + ", ".join(f"{k!r}: {self.fmt(v, subst)}" for k, v in arg.items()) + "}"
+        if isinstance(arg, slice):
+            return f"slice({self.fmt(arg.start)}, {self.fmt(arg.stop)}, {self.fmt(arg.step)})"
+        if isinstance(arg, torch.dtype):
+            return str(arg)
+        if _is_simple(arg):
+            return repr(arg)
+        return self.glob(arg, f"const_{type(arg).__name__.lower()}")
+
+    def _function_name(self, fn):
+        name = getattr(fn, "__name__", None)
+        for prefix, namespace in (("operator", operator), ("torch", torch), ("F", F)):
+            if name and getattr(namespace, name, None) is fn:
+                return f"{prefix}.{name}"
+        return self.glob(fn, f"fn_{name or 'call'}")
+
+    def call(self, node, subst=None):
+        """The expression that computes ``node`` (some inputs replaced by ``subst``)."""
+        args = ", ".join([self.fmt(a, subst) for a in node.args] +
+                         [f"{k}={self.fmt(v, subst)}" for k, v in node.kwargs.items()])
+        if node.op == "call_module":
+            return f"{self.glob(self.modules[node.target], 'm_' + node.target)}({args})"
+        if node.op == "call_function":
+            return f"{self._function_name(node.target)}({args})"
+        if node.op == "call_method":
+            rest = ", ".join([self.fmt(a, subst) for a in node.args[1:]] +
+                             [f"{k}={self.fmt(v, subst)}" for k, v in node.kwargs.items()])
+            return f"{self.fmt(node.args[0], subst)}.{node.target}({rest})"
+        if node.op == "get_attr":
+            return f"fetch({node.target!r})"
+        raise AssertionError(node.op)
+
+    def opcall(self, node):
+        return self.glob(local.OpCall(node, self.modules), f"op_{node.name}")
+
+    # -- stages -----------------------------------------------------------------------------------
+    def forward(self):
+        self.src.comment("forward: every value the updates read is kept until its last use")
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            uses = [a.name for a in node.all_input_nodes]
+            self.src.add(f"{node.name} = {self.call(node)}", [node.name], uses)
+
+    def errors(self):
+        o = self.o
+        for name in self.plan.outputs:
+            self.src.comment(f"site {name} (output): e = "
+                             f"{'softmax(v) - onehot(y)' if o['loss'] == 'cross_entropy' else 'v - y'}")
+            self.src.add(f"target_{name} = rules.targets_for({name}, labels, {o['loss']!r})",
+                         [f"target_{name}"], [name, "labels"])
+            self.src.add(f"err_{name}, loss_{name} = rules.output_error({name}, target_{name}, "
+                         f"{o['loss']!r})", [f"err_{name}", f"loss_{name}"], [name, f"target_{name}"])
+            self._shared_projections(name)
+        depth = self.plan.depth
+        for i in self.plan.error_order():
+            if i in self.plan.outputs:
+                continue
+            site = self.plan.site(i)
+            parents = self.plan.parents(i)
+            self.src.comment(f"site {i} (depth {depth[i]}; error from {', '.join(parents)})")
+            terms, uses = [], []
+            for p in parents:
+                edge = self.plan.edge(p, i)
+                if edge.key in self._shared:
+                    part, kind = self._shared.pop(edge.key)
+                    terms.append(f"syn.place({part}, {kind!r}, {i}.shape, "
+                                 f"{site.layout.channel_dim})")
+                    uses += [part]
+                else:
+                    module = self.glob(self.synapses[edge.key], f"syn_{edge.key}")
+                    terms.append(f"syn.apply({module}, err_{p}, {i}.shape)")
+                    uses += [f"err_{p}"]
+            self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i])
+            pre = f"{site.h} - {o['beta']!r} * disp_{i}"
+            target = self.call(self.nodes[i], {site.h: f"({pre})"}) \
+                if site.kind == "activation" else f"{pre}"
+            self.src.add(f"target_{i} = {target}", [f"target_{i}"], [site.h, f"disp_{i}"])
+            alpha = rules.at_depth(o["alpha"], depth[i])
+            kappa = rules.at_depth(o["kappa"], depth[i])
+            self.src.add(f"err_{i} = rules.inner_error({i}, target_{i}, {alpha!r}, {kappa!r})",
+                         [f"err_{i}"], [i, f"target_{i}"])
+            self._shared_projections(i)
+
+    def _shared_projections(self, parent):
+        """One matrix multiply for all dense/broadcast synapses reading the same vector error."""
+        if self.plan.site(parent).layout.kind != "vector":
+            return
+        group = [e for e in self.plan.edges if e.parent == parent and
+                 isinstance(self.synapses[e.key], syn.Synapse) and
+                 self.synapses[e.key].kind in ("dense", "broadcast")]
+        if len(group) < 2:
+            return
+        weights = ", ".join(f"{self.glob(self.synapses[e.key], 'syn_' + e.key)}.weight"
+                            for e in group)
+        sizes = [e.out_features for e in group]
+        parts = [f"part_{e.key}" for e in group]
+        self.src.add(f"disp_all_{parent} = err_{parent} @ torch.cat([{weights}]).t()",
+                     [f"disp_all_{parent}"], [f"err_{parent}"])
+        self.src.add(f"{', '.join(parts)}, = torch.split(disp_all_{parent}, {sizes}, dim=1)",
+                     parts, [f"disp_all_{parent}"])
+        self._shared.update({e.key: (f"part_{e.key}", self.synapses[e.key].kind) for e in group})
+
+    def updates(self):
+        self.update_names = []
+        for site in self.plan.sites:
+            self._site_updates(site)
+        self._synapse_updates()
+
+    def _phi_prime(self, site, value):
+        name = site.activation
+        if name in local.DERIVATIVES:
+            fn = self.glob(local.DERIVATIVES[name], f"phi_prime_{name}")
+            return f"{fn}({self.opcall(self.nodes[site.name])}, {value})"
+        derivative = ops.activation_derivative(self.nodes[site.name], self.modules)
+        if derivative is not None:
+            return f"{self.glob(derivative, 'derivative_' + name)}({value})"
+        fn = self.glob(_jvp_derivative, "jvp_derivative")
+        return f"{fn}({self.opcall(self.nodes[site.name])}, {value})"
+
+    def _site_updates(self, site):
+        region = set(site.region)
+        self.src.comment(f"site {site.name}: local updates of {', '.join(site.ops) or 'nothing'}")
+        cot = {site.name: f"err_{site.name}"}
+        defined = set()
+        if site.kind == "activation":
+            start = f"err_{site.name}"
+            if self.o["local_rule"] == "dx":
+                start = f"err_{site.name} * {self._phi_prime(site, site.h)}"
+            self._cot(site.h, start, defined, [f"err_{site.name}", site.h])
+        for name in reversed(site.region):
+            node = self.nodes[name]
+            c = f"cot_{name}" if name in defined else cot.get(name)
+            if c is None:
+                continue
+            if node in self._param_ops:
+                self._param_update(node, c)
+            if name == site.name and site.kind == "activation":
+                continue
+            self._carry(node, c, region, defined)
+
+    def _cot(self, name, expr, defined, uses):
+        if name in defined:
+            self.src.add(f"cot_{name} = cot_{name} + {expr}", [f"cot_{name}"],
+                         uses + [f"cot_{name}"])
+        else:
+            self.src.add(f"cot_{name} = {expr}", [f"cot_{name}"], uses)
+            defined.add(name)
+
+    def _carry(self, node, c, region, defined):
+        inputs = [a for a in node.all_input_nodes if a.name in region]
+        if not inputs:
+            return
+        signs = ops.pass_through_signs(node, self.modules)
+        if signs is not None:
+            for k, a in enumerate(node.args[:len(signs)]):
+                if isinstance(a, fx.Node) and a.name in region:
+                    expr = c if signs[k] == 1 else f"-{c}"
+                    if _meta_shape(a) != _meta_shape(node):
+                        expr = f"local.reduce_to({expr}, {a.name}.shape)"
+                    self._cot(a.name, expr, defined, [c, a.name])
+            return
+        if node.op == "call_function" and node.target is operator.getitem and \
+                _meta_shape(node.args[0]) is None:
+            self._cot(node.args[0].name, f"{{{node.args[1]!r}: {c}}}", defined, [c])
+            return
+        call = local.OpCall(node, self.modules)
+        rule = local.lookup(local.CARRY_MODULES, local.CARRY_FUNCTIONS, local.CARRY_METHODS,
+                            call)
+        x = node.args[0]
+        if rule is not None and len(inputs) == 1 and inputs[0] is x:
+            fn = self.glob(rule, f"carry{rule.__name__}")
+            self._cot(x.name, f"{fn}({self.opcall(node)}, {x.name}, {c})", defined, [c, x.name])
+            return
+        self.fallbacks.append(node.name)
+        leaves = _leaves(node)
+        wrt = [k for k, a in enumerate(leaves) if isinstance(a, fx.Node) and a.name in region]
+        outs = [f"vjp_{node.name}_{k}" for k in range(len(wrt))]
+        self.src.add(f"{', '.join(outs)}, = local.local_vjp({self.opcall(node)}, "
+                     f"{self._call_form(node)}, {c}, {wrt})", outs,
+                     [c] + [a.name for a in node.all_input_nodes])
+        for out, k in zip(outs, wrt):
+            self._cot(leaves[k].name, out, defined, [out])
+
+    def _call_form(self, node):
+        """``[args], {kwargs}`` of a node, as source."""
+        args = "[" + ", ".join(self.fmt(a) for a in node.args) + "]"
+        return f"{args}, {self.fmt(dict(node.kwargs))}"
+
+    def _param_update(self, node, c):
+        names = self._param_ops[node]
+        target = f"grads_{node.name}"
+        if node.op == "call_module" and self._rule(node) in local.MODULE_GRADS:
+            fn = local.MODULE_GRADS[self._rule(node)]
+            module = self.glob(self.modules[node.target], "m_" + node.target)
+            x = node.args[0].name
+            self.src.add(f"{target} = local.{fn.__name__}({module}, {x}, {c})", [target], [c, x])
+            keys = [n[len(node.target) + 1:] for n in names]
+        elif node.op == "call_module":
+            self.fallbacks.append(node.name)
+            module = self.glob(self.modules[node.target], "m_" + node.target)
+            uses = [a.name for a in node.all_input_nodes]
+            self.src.add(f"{target} = local.module_param_vjp({module}, {self._call_form(node)}, "
+                         f"{c})", [target], uses + [c])
+            keys = [n[len(node.target) + 1:] for n in names]
+        else:
+            self.fallbacks.append(node.name)
+            where = {a.target: k for k, a in enumerate(_leaves(node))
+                     if isinstance(a, fx.Node) and a.op == "get_attr"}
+            wrt = [where[n] for n in names]
+            uses = [a.name for a in node.all_input_nodes]
+            self.src.add(f"{target} = local.local_vjp({self.opcall(node)}, "
+                         f"{self._call_form(node)}, {c}, {wrt})", [target], uses + [c])
+            keys = list(range(len(names)))
+        for key, qual in zip(keys, names):
+            self.update_names.append((f"model.{qual}", f"{target}[{key!r}]", target))
+
+    def _rule(self, node):
+        return next(r.rule for r in self.plan.params if r.op == node.name)
+
+    def _synapse_updates(self):
+        sign, which = rules.ERROR_RULES[self.o["error_rule"]]
+        for edge in self.plan.edges:
+            i, site = edge.child, self.plan.site(edge.child)
+            if which == "d":
+                c, uses = f"disp_{i}", [f"disp_{i}"]
+            elif which == "z":
+                c, uses = i, [i]
+            else:
+                pre = f"{site.h} - {self.o['beta']!r} * disp_{i}"
+                c = f"err_{i} * {self._phi_prime(site, '(' + pre + ')')}"
+                uses = [f"err_{i}", site.h, f"disp_{i}"]
+            module = self.glob(self.synapses[edge.key], f"syn_{edge.key}")
+            target = f"synapse_grads_{edge.key}"
+            self.src.comment(f"error synapse {edge.parent} -> {i} ({self.o['error_rule']})")
+            self.src.add(f"{target} = syn.weight_grads({module}, err_{edge.parent}, {c})",
+                         [target], uses + [f"err_{edge.parent}"])
+            for k, (pname, _) in enumerate(self.synapses[edge.key].named_parameters()):
+                self.update_names.append((f"synapses.{edge.key}.{pname}", f"{target}[{k}]",
+                                          target))
+
+    # -- assembly ---------------------------------------------------------------------------------
+    def generate(self):
+        self._param_ops = {}
+        for r in self.plan.params:
+            self._param_ops.setdefault(self.nodes[r.op], []).append(r.param)
+        self.env["fetch"] = _Fetch(self.gm)
+        self.forward()
+        self.errors()
+        self.updates()
+        sign, _ = rules.ERROR_RULES[self.o["error_rule"]]
+        scale = {n: (sign * self.o["gamma"] if n.startswith("synapses.") else 1.0)
+                 for n, _, _ in self.update_names}
+        outputs = self.plan.outputs
+        self.src.comment("raw updates, averaged over the batch (one multi-tensor scale)")
+        self.src.add(f"batch = {outputs[0]}.shape[0]", ["batch"], [outputs[0]])
+        self.src.add("updates = [" + ", ".join(e for _, e, _ in self.update_names) + "]",
+                     ["updates"], [t for _, _, t in self.update_names])
+        self.src.add("torch._foreach_mul_(updates, [s / batch for s in SCALES])", [],
+                     ["updates", "batch"])
+        self.env["SCALES"] = [scale[n] for n, _, _ in self.update_names]
+        errors = ", ".join(f"{s.name!r}: err_{s.name}" for s in self.plan.sites)
+        self.src.add(f"return loss_{outputs[0]}, {{{errors}}}, updates", [],
+                     [f"loss_{outputs[0]}", "updates"] + [f"err_{s.name}" for s in self.plan.sites])
+        inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        header = [f"def rec_lra_updates({', '.join(inputs)}, labels):",
+                  f'    """rec-LRA updates for {type(self.gm).__name__}: {len(self.plan.sites)} '
+                  f'sites, {len(self.plan.edges)} error synapses, wiring {self.plan.wiring}."""']
+        body = self.src.render(keep=set())
+        return "\n".join(header + body) + "\n", [n for n, _, _ in self.update_names]
+
+
+def _leaves(node):
+    """The flattened (args, kwargs) of a node; local_vjp differentiates leaves by position."""
+    return torch.utils._pytree.tree_flatten((node.args, node.kwargs))[0]
+
+
+class _Fetch:
+    """Reads a parameter, buffer or constant of the GraphModule at call time (so .to() works)."""
+
+    def __init__(self, gm):
+        self.gm = gm
+
+    def __call__(self, target):
+        obj = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _jvp_derivative(call, h):
+    """phi'(h) for an elementwise activation without a listed derivative (forward-mode)."""
+    return torch.func.jvp(call, (h,), (torch.ones_like(h),))[1]
+
+
+def _meta_shape(node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def build(gm, plan, synapse_modules, options):
+    """Generate, register and compile the update function. Returns the function, its source,
+    the names of the updates it returns (in order) and the ops that fall back to torch.func."""
+    gen = Generator(gm, plan, synapse_modules, options)
+    source, names = gen.generate()
+    digest = abs(hash(source)) % (1 << 32)
+    filename = f"<fxlra-generated-{type(gm).__name__}-{digest:08x}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    dump = os.environ.get("FXLRA_DUMP_DIR")
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        with open(os.path.join(dump, f"{type(gm).__name__}_{digest:08x}.py"), "w") as f:
+            f.write(source)
+    namespace = dict(gen.env)
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 (our own generated source)
+    return namespace["rec_lra_updates"], source, names, tuple(gen.fallbacks)

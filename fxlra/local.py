@@ -1,0 +1,253 @@
+"""Explicit local rules for the generated program, without autograd: the weight-gradient of
+every parametrised op kind (at its recorded input, for the cotangent at its output), the VJP of
+the shape-changing ops an error is carried through, and the derivatives of activations.
+
+Each table maps an op kind to a plain function. An op kind missing from a table falls back to
+``torch.func`` on that single op (``local_vjp``); ``prog.explain()`` and ``prog.code`` name it.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+aten = torch.ops.aten
+
+
+# -- weight-gradients: rule(module, x, c) -> {local parameter name: summed gradient} -------------
+def linear_grads(m, x, c):
+    c2, x2 = c.reshape(-1, c.shape[-1]), x.reshape(-1, x.shape[-1])
+    grads = {"weight": c2.t() @ x2}
+    if m.bias is not None:
+        grads["bias"] = c2.sum(0)
+    return grads
+
+
+def conv_grads(m, x, c):
+    padding = m.padding
+    if m.padding_mode != "zeros" or isinstance(padding, str):
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * (x.dim() - 2)
+    bias = [m.out_channels] if m.bias is not None else None
+    _, dw, db = aten.convolution_backward(c, x, m.weight, bias, m.stride, padding, m.dilation,
+                                          False, [0] * (x.dim() - 2), m.groups,
+                                          [False, True, m.bias is not None])
+    grads = {"weight": dw}
+    if m.bias is not None:
+        grads["bias"] = db
+    return grads
+
+
+def _affine_grads(m, xhat, c, dims):
+    grads = {}
+    if getattr(m, "weight", None) is not None:
+        grads["weight"] = (c * xhat).sum(dims)
+    if getattr(m, "bias", None) is not None:
+        grads["bias"] = c.sum(dims)
+    return grads
+
+
+def batchnorm_grads(m, x, c):
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if m.training or m.running_mean is None:
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = m.running_mean.view(shape), m.running_var.view(shape)
+    return _affine_grads(m, (x - mean) * torch.rsqrt(var + m.eps), c, dims)
+
+
+def layernorm_grads(m, x, c):
+    norm_dims = list(range(x.dim() - len(m.normalized_shape), x.dim()))
+    mean = x.mean(norm_dims, keepdim=True)
+    var = x.var(norm_dims, unbiased=False, keepdim=True)
+    return _affine_grads(m, (x - mean) * torch.rsqrt(var + m.eps), c,
+                         list(range(x.dim() - len(m.normalized_shape))))
+
+
+def groupnorm_grads(m, x, c):
+    xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
+    return _affine_grads(m, xhat, c, [0] + list(range(2, x.dim())))
+
+
+def embedding_grads(m, idx, c):
+    flat = c.reshape(-1, c.shape[-1])
+    grad = torch.zeros_like(m.weight).index_add_(0, idx.reshape(-1), flat)
+    if m.padding_idx is not None:
+        grad[m.padding_idx] = 0
+    return {"weight": grad}
+
+
+MODULE_GRADS = {"linear": linear_grads, "conv": conv_grads, "batchnorm": batchnorm_grads,
+                "layernorm": layernorm_grads, "groupnorm": groupnorm_grads,
+                "embedding": embedding_grads}
+
+
+# -- carrying an error back through a shape-changing op: carry(node_call, x, c) -> c_x ----------
+def reduce_to(c, shape):
+    """Sum a cotangent over the axes that were broadcast to reach it."""
+    if tuple(c.shape) == tuple(shape):
+        return c
+    while c.dim() > len(shape):
+        c = c.sum(0)
+    dims = [k for k, n in enumerate(shape) if n == 1 and c.shape[k] != 1]
+    return c.sum(dims, keepdim=True) if dims else c
+
+
+def _reshape_back(call, x, c):
+    return c.reshape(x.shape)
+
+
+def _max_pool2d(call, x, c):
+    m = call.module
+    _, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
+    pair = nn.modules.utils._pair
+    return aten.max_pool2d_with_indices_backward(c, x, pair(m.kernel_size), pair(m.stride),
+                                                 pair(m.padding), pair(m.dilation), m.ceil_mode,
+                                                 idx)
+
+
+def _avg_pool2d(call, x, c):
+    m, pair = call.module, nn.modules.utils._pair
+    return aten.avg_pool2d_backward(c, x, pair(m.kernel_size), pair(m.stride or m.kernel_size),
+                                    pair(m.padding), m.ceil_mode, m.count_include_pad,
+                                    m.divisor_override)
+
+
+def _adaptive_avg_pool2d(call, x, c):
+    return aten._adaptive_avg_pool2d_backward(c, x)
+
+
+def _mean(call, x, c):
+    dims = call.arg("dim", 1, None)
+    keep = call.arg("keepdim", 2, False)
+    if dims is None:
+        return c.expand(x.shape) / x.numel()
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = sorted(d % x.dim() for d in dims)
+    if not keep:
+        for d in dims:
+            c = c.unsqueeze(d)
+    count = 1
+    for d in dims:
+        count *= x.shape[d]
+    return c.expand(x.shape) / count
+
+
+def _permute(call, x, c):
+    dims = call.args[1:] if len(call.args) > 2 or isinstance(call.args[1], int) else call.args[1]
+    inverse = [0] * len(dims)
+    for k, d in enumerate(dims):
+        inverse[d % len(dims)] = k
+    return c.permute(inverse)
+
+
+def _transpose(call, x, c):
+    return c.transpose(call.args[1], call.args[2])
+
+
+CARRY_MODULES = {nn.Flatten: _reshape_back, nn.MaxPool2d: _max_pool2d,
+                 nn.AvgPool2d: _avg_pool2d, nn.AdaptiveAvgPool2d: _adaptive_avg_pool2d}
+CARRY_FUNCTIONS = {torch.flatten: _reshape_back, torch.reshape: _reshape_back,
+                   torch.mean: _mean, torch.permute: _permute, torch.transpose: _transpose}
+CARRY_METHODS = {"flatten": _reshape_back, "view": _reshape_back, "reshape": _reshape_back,
+                 "mean": _mean, "permute": _permute, "transpose": _transpose}
+
+
+# -- derivatives of activations (phi'), used by local_rule="dx" and error_rule="derived" ---------
+def _leaky(call, h):
+    slope = call.module.negative_slope if call.module is not None else call.arg(
+        "negative_slope", 1, 0.01)
+    return torch.where(h > 0, torch.ones_like(h), torch.full_like(h, slope))
+
+
+def _tanh_prime(call, h):
+    return 1 - torch.tanh(h) ** 2
+
+
+def _sigmoid_prime(call, h):
+    s = torch.sigmoid(h)
+    return s * (1 - s)
+
+
+def _relu_prime(call, h):
+    return (h > 0).to(h.dtype)
+
+
+def _sign_prime(call, h):
+    return torch.zeros_like(h)
+
+
+DERIVATIVES = {"relu": _relu_prime, "ReLU": _relu_prime, "tanh": _tanh_prime,
+               "Tanh": _tanh_prime, "sigmoid": _sigmoid_prime, "Sigmoid": _sigmoid_prime,
+               "sign": _sign_prime, "leaky_relu": _leaky, "LeakyReLU": _leaky}
+
+
+class OpCall:
+    """One fx node's op, with its recorded call form, for the rules above and the fallbacks."""
+
+    def __init__(self, node, modules):
+        self.name, self.op, self.target = node.name, node.op, node.target
+        self.module = modules[node.target] if node.op == "call_module" else None
+        self.args, self.kwargs = node.args, node.kwargs
+        self.input_names = [a.name for a in node.all_input_nodes]
+
+    def arg(self, name, position, default):
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[position] if len(self.args) > position else default
+
+    def __call__(self, *args, **kwargs):
+        if self.module is not None:
+            return self.module(*args, **kwargs)
+        if self.op == "call_function":
+            return self.target(*args, **kwargs)
+        return getattr(args[0], self.target)(*args[1:], **kwargs)
+
+    def __repr__(self):
+        return f"<op {self.name}>"
+
+
+def lookup(table_modules, table_functions, table_methods, call):
+    if call.module is not None:
+        for cls in type(call.module).__mro__:
+            if cls in table_modules:
+                return table_modules[cls]
+        return None
+    if call.op == "call_function":
+        return table_functions.get(call.target)
+    return table_methods.get(call.target)
+
+
+def _cotangent_like(out, cot):
+    """A cotangent for ``out``; tuple-valued ops carry theirs as {index: tensor}."""
+    if not isinstance(cot, dict):
+        return cot
+    return tuple(cot[k] if k in cot else torch.zeros_like(o) for k, o in enumerate(out))
+
+
+def local_vjp(fn, args, kwargs, cot, wrt):
+    """The fallback for ops with no explicit rule: torch.func's VJP of this one op at its
+    recorded inputs, for the leaves of ``(args, kwargs)`` at the flat positions ``wrt``."""
+    leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+
+    def partial(*chosen):
+        full = list(leaves)
+        for k, v in zip(wrt, chosen):
+            full[k] = v
+        a, kw = torch.utils._pytree.tree_unflatten(full, spec)
+        return fn(*a, **kw)
+    out, pullback = torch.func.vjp(partial, *[leaves[k] for k in wrt])
+    return list(pullback(_cotangent_like(out, cot)))
+
+
+def module_param_vjp(module, args, kwargs, cot):
+    """The fallback weight-gradient of a module with no explicit rule (buffers are copied, so
+    the module's running statistics do not change)."""
+    params = dict(module.named_parameters())
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+
+    def call(p):
+        return torch.func.functional_call(module, {**p, **buffers}, tuple(args), kwargs)
+    out, pullback = torch.func.vjp(call, params)
+    (grads,) = pullback(_cotangent_like(out, cot))
+    return grads
