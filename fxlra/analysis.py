@@ -73,6 +73,17 @@ def _probe_candidates(gm, modules):
     return []
 
 
+def _record_shapes(gm, args, fake):
+    if not fake:
+        with torch.no_grad():
+            _ShapeRecorder(gm).run(*args)
+        return
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    values = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with mode:
+        _ShapeRecorder(gm).run(*values)
+
+
 def propagate_shapes(gm, example_inputs=None):
     """Fill ``node.meta['tensor_meta']`` without computing anything (fake tensors)."""
     modules = dict(gm.named_modules())
@@ -84,18 +95,21 @@ def propagate_shapes(gm, example_inputs=None):
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)      # a rejected probe shape is expected, not an error
+    saved = {n: b.clone() for n, b in gm.named_buffers()}
     try:
-        for args in candidates:
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
+        # fake tensors first (no compute); real ones for ops that need values (a leaf module
+        # with data-dependent control flow); the model's buffers are restored either way
+        for fake, args in [(True, a) for a in candidates] + [(False, a) for a in candidates]:
             try:
-                fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-                with mode:
-                    _ShapeRecorder(gm).run(*fake)
+                _record_shapes(gm, args, fake)
                 return
             except Exception as exc:  # a shape the model rejects; try the next candidate
                 errors.append(f"{tuple(args[0].shape) if args else ()}: {exc}")
     finally:
         quiet.setLevel(level)
+        with torch.no_grad():
+            for n, b in gm.named_buffers():
+                b.copy_(saved[n])
     detail = "; ".join(errors[-2:]) or "its first layer does not tell the input's channel count"
     raise PlanError(
         f"fxlra cannot infer the tensor shapes of {gm.__class__.__name__} ({detail}). "
@@ -124,9 +138,23 @@ def _from_input(nodes):
 
 
 # -- parametrised ops -----------------------------------------------------------------------------
-def find_param_ops(gm, modules):
+def _check_untied(model):
+    """Reject a trainable tensor registered under two names (tied weights)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names.setdefault(id(p), []).append(name)
+    tied = [n for n in names.values() if len(n) > 1]
+    if tied:
+        raise PlanError(f"parameters {' and '.join(tied[0])} are one tied tensor; rec-LRA updates "
+                        "each parameter with one site's error. Untie them, or freeze the tensor "
+                        "with requires_grad_(False)")
+
+
+def find_param_ops(gm, modules, model):
     """Map each node that uses trainable parameters to their qualified names."""
-    trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+    _check_untied(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     op_params, used_by = {}, {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -354,13 +382,13 @@ def find_blocks(nodes, g, site_names, order, owner, op_params, from_input):
 
 
 # -- entry point ----------------------------------------------------------------------------------
-def analyse(gm, loss_phi="softmax", example_inputs=None):
+def analyse(gm, model, loss_phi="softmax", example_inputs=None):
     """Sites (forward order, primary output last), parameter rules, and the site graph."""
     modules = dict(gm.named_modules())
     gm.graph.eliminate_dead_code()
     gm.recompile()
     propagate_shapes(gm, example_inputs)
-    op_params = find_param_ops(gm, modules)
+    op_params = find_param_ops(gm, modules, model)
     nodes = list(gm.graph.nodes)
     site_nodes, outputs, pending = find_sites(gm, modules, op_params)
     owner = _regions(nodes, site_nodes, pending)
@@ -377,7 +405,7 @@ def analyse(gm, loss_phi="softmax", example_inputs=None):
         if site is None:
             raise PlanError(f"parameter {names[0]} (op {node.name}) reaches no error site")
         rules += [ParamRule(p, node.name, ops.rule_name(node, modules), site.name) for p in names]
-    model_order = {n: i for i, (n, _) in enumerate(gm.named_parameters())}
+    model_order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     rules.sort(key=lambda r: model_order[r.param])
 
     g = _node_graph(nodes)

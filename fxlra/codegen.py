@@ -123,6 +123,8 @@ class Generator:
     def forward(self):
         self.src.comment("forward: every value the updates read is kept until its last use")
         for node in self.gm.graph.nodes:
+            if node.op == "placeholder" and node.args:      # a specialised (concrete) argument
+                self.src.add(f"{node.name} = {self.fmt(node.args[0])}", [node.name])
             if node.op in ("placeholder", "output"):
                 continue
             uses = [a.name for a in node.all_input_nodes]
@@ -348,7 +350,7 @@ class Generator:
         errors = ", ".join(f"{s.name!r}: err_{s.name}" for s in self.plan.sites)
         self.src.add(f"return loss_{outputs[0]}, {{{errors}}}, updates", [],
                      [f"loss_{outputs[0]}", "updates"] + [f"err_{s.name}" for s in self.plan.sites])
-        inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder" and not n.args]
         header = [f"def rec_lra_updates({', '.join(inputs)}, labels):",
                   f'    """rec-LRA updates for {type(self.gm).__name__}: {len(self.plan.sites)} '
                   f'sites, {len(self.plan.edges)} error synapses, wiring {self.plan.wiring}."""']

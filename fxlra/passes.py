@@ -9,6 +9,8 @@ import operator
 
 import torch
 
+from .errors import UnsupportedError
+
 _INPLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
     operator.itruediv: operator.truediv, operator.iand: operator.and_, operator.ior: operator.or_,
@@ -34,6 +36,19 @@ def _inplace_replacement(node, modules):
     return None
 
 
+_VIEW_METHODS = {"view", "narrow", "select", "transpose", "permute", "expand", "unsqueeze",
+                 "squeeze", "t", "diagonal", "as_strided", "unflatten", "view_as", "unbind",
+                 "split", "chunk"}
+
+
+def _is_view(node):
+    """Whether a node may share memory with another tensor (so mutating it mutates that one)."""
+    if node.op == "call_function":
+        return node.target is operator.getitem or getattr(node.target, "__name__", "") in \
+            _VIEW_METHODS
+    return node.op == "call_method" and node.target in _VIEW_METHODS
+
+
 def make_out_of_place(gm):
     """Rewrite every in-place op of ``gm`` (in place on the GraphModule) and return it."""
     modules = dict(gm.named_modules())
@@ -43,6 +58,14 @@ def make_out_of_place(gm):
         if found is None:
             continue
         (how, value), mutated = found
+        if isinstance(mutated, torch.fx.Node) and _is_view(mutated):
+            where = [line for line in (node.stack_trace or "").splitlines()
+                     if line.strip().startswith("File")][-1:]
+            raise UnsupportedError(
+                f"in-place op {node.name} ({node.target}) writes into {mutated.name}, a view of "
+                f"another tensor{': ' + ' '.join(w.strip() for w in where) if where else ''}. "
+                "fxlra records values and cannot keep that aliasing; write it out of place "
+                "(for example torch.cat or torch.where) or make the module a leaf")
         if how == "target":
             node.target = value
         elif how == "method":

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import analysis, codegen, passes, reference, rules, synapses as syn, trace, wiring as wiring_mod
-from .errors import InputError, WiringError
+from .errors import WiringError
 from .plan import Edge, Plan
 
 
@@ -84,16 +84,13 @@ class Program(nn.Module):
         """The generated update program's Python source."""
         return self._code
 
-    @staticmethod
-    def _check_input(x):
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"inputs must be a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise InputError(f"the batch is empty (input shape {tuple(x.shape)})")
+    def _check_input(self, x, y):
+        out = self.plan.site(self.plan.outputs[0]).layout
+        rules.check_batch(x, y, out, self.options["loss"])
 
     def reference_signals(self, x, y):
         """Every signal of the reference interpreter (the specification) for one batch."""
-        self._check_input(x)
+        self._check_input(x, y)
         edges = {e.key: self.synapses[e.key] for e in self.plan.edges}
         return reference.compute_updates(self.graph_module, self.plan, edges, x, y, self.options)
 
@@ -106,7 +103,7 @@ class Program(nn.Module):
         return {n: updates[n] for n, _ in self.named_parameters() if n in updates}
 
     def _run(self, x, y):
-        self._check_input(x)
+        self._check_input(x, y)
         with torch.no_grad():
             return self._generated(x, y)
 
@@ -159,7 +156,8 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     rules.check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
                         error_init_std)
     gm = passes.make_out_of_place(trace.trace(model, leaf_modules, concrete_args))
-    sites, params, site_graph = analysis.analyse(gm, rules.OUTPUT_PHI[loss], example_inputs)
+    sites, params, site_graph = analysis.analyse(gm, model, rules.OUTPUT_PHI[loss],
+                                                     example_inputs)
     graph, name = wiring_mod.build(wiring, site_graph, depth)
     edges, modules = _build_edges(sites, graph, name, synapses, error_init_std)
     plan = Plan(sites=sites, outputs=site_graph.outputs, params=params, edges=edges,

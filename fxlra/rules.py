@@ -25,6 +25,8 @@ def check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
     for name, value in (("beta", beta), ("gamma", gamma), ("error_init_std", error_init_std)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise OptionError(f"{name} must be a number, got {value!r}")
+    if error_init_std < 0:
+        raise OptionError(f"error_init_std must be >= 0, got {error_init_std!r}")
     for name, value in (("alpha", alpha), ("kappa", kappa)):
         values = value.values() if isinstance(value, Mapping) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -43,6 +45,38 @@ def at_depth(value, depth):
         return float(value[depth])
     below = [k for k in value if k <= depth]
     return float(value[max(below)] if below else value[min(value)])
+
+
+def check_batch(x, y, out_layout, loss):
+    """Reject a batch before anything runs: empty or non-finite inputs, labels of the wrong
+    type, shape or range for the model's output (``out_layout`` of the primary output site)."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"inputs must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise InputError(f"the batch is empty (input shape {tuple(x.shape)})")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise InputError("inputs contain NaN or infinity")
+    if not isinstance(y, torch.Tensor):
+        raise InputError(f"labels must be a tensor, got {type(y).__name__}")
+    batch, classes = x.shape[0], out_layout.channels
+    if y.shape[:1] != (batch,):
+        raise InputError(f"labels have shape {tuple(y.shape)} but the batch has {batch} samples; "
+                         f"pass class labels of shape ({batch},) or targets of shape "
+                         f"({batch}, {classes})")
+    if not y.is_floating_point():
+        if y.dim() != 1 or out_layout.kind != "vector":
+            raise InputError(f"class labels must have shape ({batch},) and the model must output "
+                             f"(B, classes); got labels {tuple(y.shape)}")
+        if y.min() < 0 or y.max() >= classes:
+            raise InputError(f"class labels must lie in [0, {classes - 1}]; got values from "
+                             f"{int(y.min())} to {int(y.max())}")
+    elif out_layout.kind == "vector" and tuple(y.shape) != (batch, classes):
+        raise InputError(f"targets of shape {tuple(y.shape)} do not match the output's shape "
+                         f"({batch}, {classes}); pass class labels of shape ({batch},) or "
+                         f"{'one-hot rows' if loss == 'cross_entropy' else 'targets'} shaped like "
+                         "the output")
+    elif not torch.isfinite(y).all():
+        raise InputError("targets contain NaN or infinity")
 
 
 def targets_for(v, y, loss):

@@ -4,6 +4,7 @@ Standard ``torch.nn`` modules stay leaves (fx's default); ``leaf_modules`` adds 
 qualified module names, ``concrete_args`` is passed through. A tracing failure becomes a
 :class:`~fxlra.errors.TraceError` naming the user's file and line, the kind of problem and the fixes.
 """
+import inspect
 import os
 import traceback
 
@@ -22,7 +23,7 @@ _PROBLEMS = (
     ("cannot be iterated",
      "iteration over a traced value (a loop or unpacking of a tensor)",
      "index the tensor explicitly, or make the enclosing module a leaf (leaf_modules=[...])"),
-    ("len(.) is not supported",
+    ("'len' is not supported",
      "len() of a traced value",
      "use x.shape[0] inside a function wrapped with torch.fx.wrap, or make the module a leaf"),
     ("cannot be interpreted as an integer",
@@ -82,6 +83,7 @@ def trace(model, leaf_modules=(), concrete_args=None):
         raise TypeError(f"leaf_modules= takes nn.Module classes or qualified module names; "
                         f"got {bad!r}")
     tracer = _Tracer(leaf_modules)
+    tracer.record_stack_traces = True
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many kinds; each becomes one clear message
@@ -92,5 +94,15 @@ def trace(model, leaf_modules=(), concrete_args=None):
         raise TraceError(
             f"fxlra could not trace {type(model).__name__}: {kind} at {where}. "
             f"Fix: {fix}. (torch.fx said: {type(exc).__name__}: {exc})") from None
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    _bind_concrete_args(model, graph, concrete_args or {})
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _bind_concrete_args(model, graph, concrete_args):
+    """Make each specialised argument's placeholder default to its concrete value, so that the
+    program is called with the remaining inputs only (fx keeps a guard that checks the value)."""
+    names = list(inspect.signature(model.forward).parameters)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in zip(names, placeholders):
+        if name in concrete_args:
+            node.args = (concrete_args[name],)
