@@ -104,7 +104,8 @@ def propagate_shapes(gm, example_inputs=None):
                 _record_shapes(gm, args, fake)
                 return
             except Exception as exc:  # a shape the model rejects; try the next candidate
-                errors.append(f"{tuple(args[0].shape) if args else ()}: {exc}")
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                errors.append(f"input {tuple(args[0].shape) if args else ()}: {first}")
     finally:
         quiet.setLevel(level)
         with torch.no_grad():

@@ -7,6 +7,7 @@ then the local updates of every site, then the error-synapse updates. Values are
 their last use. The source is deterministic and compiled under a registered file name so that
 tracebacks and ``inspect`` show the generated lines.
 """
+import hashlib
 import linecache
 import operator
 import os
@@ -146,7 +147,7 @@ class Generator:
                 continue
             site = self.plan.site(i)
             parents = self.plan.parents(i)
-            self.src.comment(f"site {i} (depth {depth[i]}; error from {', '.join(parents)})")
+            self.src.comment(f"site {i} (depth {depth[i]}, error from {', '.join(parents)})")
             terms, uses = [], []
             for p in parents:
                 edge = self.plan.edge(p, i)
@@ -391,7 +392,7 @@ def build(gm, plan, synapse_modules, options):
     the names of the updates it returns (in order) and the ops that fall back to torch.func."""
     gen = Generator(gm, plan, synapse_modules, options)
     source, names = gen.generate()
-    digest = abs(hash(source)) % (1 << 32)
+    digest = int(hashlib.sha1(source.encode()).hexdigest()[:8], 16)
     filename = f"<fxlra-generated-{type(gm).__name__}-{digest:08x}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     dump = os.environ.get("FXLRA_DUMP_DIR")

@@ -1,0 +1,481 @@
+"""fxlra.analysis and fxlra.plan through fxlra.compile: where the error sites are, which site owns
+every parameter, residual blocks, layouts and synapse kinds, plan equality and stability, and
+the PlanErrors for models rec-LRA cannot train (DESIGN.md section 1, "Error sites", "Owners",
+"Error synapses")."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+import fxlra
+from conftest import make_cnn, make_mlp
+
+
+def rules_by_param(prog):
+    return {r.param: r for r in prog.plan.params}
+
+
+def site(prog, name):
+    return prog.plan.site(name)
+
+
+# -- sites ------------------------------------------------------------------------------------------
+def test_mlp_activations_are_sites_and_the_output_is_last():
+    model = make_mlp(widths=(8, 7, 6), act=nn.Tanh)
+    prog = fxlra.compile(model)
+    kinds = [site(prog, s).kind for s in prog.sites]
+    assert kinds == ["activation"] * 3 + ["output"]
+    assert [site(prog, s).activation for s in prog.sites] == ["Tanh"] * 3 + ["softmax"]
+    # the sites are the Tanh modules of the Sequential (nodes _1, _3, _5) and the last Linear
+    assert prog.sites == ("_1", "_3", "_5", "_6")
+    assert prog.plan.outputs == ("_6",)
+    owners = {r.param: r.site for r in prog.plan.params}
+    assert owners == {"0.weight": "_1", "0.bias": "_1", "2.weight": "_3", "2.bias": "_3",
+                      "4.weight": "_5", "4.bias": "_5", "6.weight": "_6", "6.bias": "_6"}
+    assert site(prog, "_3").h == "_2"          # the pre-activation is the Linear's output
+
+
+def test_mse_output_site_has_identity_phi():
+    prog = fxlra.compile(make_mlp(), loss="mse")
+    assert site(prog, prog.sites[-1]).activation == "identity"
+
+
+def test_linear_linear_without_activation_gets_an_identity_site_between_them():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    prog = fxlra.compile(model)
+    assert prog.sites == ("_0", "_2", "_3")
+    first = site(prog, "_0")
+    assert first.kind == "identity" and first.activation == "identity" and first.h == "_0"
+    assert first.ops == ("_0",)
+    owners = {r.param: r.site for r in prog.plan.params}
+    assert owners["0.weight"] == "_0" and owners["1.weight"] == "_2"
+
+
+def test_conv_bn_relu_is_one_site_owning_conv_and_bn():
+    prog = fxlra.compile(make_cnn())
+    s = site(prog, "relu")
+    assert s.kind == "activation" and s.h == "bn"
+    assert s.ops == ("conv", "bn")
+    assert s.region == ("conv", "bn", "relu")
+    owners = {r.param: (r.site, r.rule) for r in prog.plan.params}
+    assert owners["conv.weight"] == ("relu", "conv")
+    assert owners["conv.bias"] == ("relu", "conv")
+    assert owners["bn.weight"] == ("relu", "batchnorm")
+    assert owners["bn.bias"] == ("relu", "batchnorm")
+
+
+def test_downsample_conv_belongs_to_the_block_output_site():
+    prog = fxlra.compile(make_cnn())
+    (plain, down) = prog.plan.blocks
+    assert not plain.downsample and down.downsample
+    owners = {r.param: r.site for r in prog.plan.params}
+    assert owners["block2.downsample.0.weight"] == down.output
+    assert owners["block2.downsample.1.weight"] == down.output
+    assert owners["block2.conv2.weight"] == down.output
+    assert owners["block2.conv1.weight"] != down.output
+    assert "add_1" in site(prog, down.output).region      # the merge is in the block's region
+
+
+def test_resnet18_downsample_convs_belong_to_block_outputs_and_there_are_8_merges():
+    model = torchvision.models.resnet18(num_classes=10)
+    prog = fxlra.compile(model)
+    plan = prog.plan
+    assert len(plan.blocks) == 8
+    assert sum(b.downsample for b in plan.blocks) == 3
+    owners = {r.param: r.site for r in plan.params}
+    outputs = {b.output for b in plan.blocks}
+    for stage in (2, 3, 4):
+        block_out = owners[f"layer{stage}.0.conv2.weight"]
+        assert block_out in outputs
+        assert owners[f"layer{stage}.0.downsample.0.weight"] == block_out
+        assert owners[f"layer{stage}.0.downsample.1.bias"] == block_out
+
+
+@pytest.mark.parametrize("factory", [make_mlp, make_cnn,
+                                     lambda: torchvision.models.resnet18(num_classes=10)])
+def test_every_parameter_has_exactly_one_rule(factory):
+    model = factory()
+    prog = fxlra.compile(model)
+    names = [r.param for r in prog.plan.params]
+    assert len(names) == len(set(names))
+    assert set(names) == {n for n, _ in model.named_parameters()}
+    for r in prog.plan.params:
+        assert r.op in site(prog, r.site).ops
+
+
+def test_plan_params_follow_the_models_parameter_order():
+    """Plan.params is documented as "ParamRule, in model order" (plan.py)."""
+    model = make_cnn()
+    prog = fxlra.compile(model)
+    assert [r.param for r in prog.plan.params] == [n for n, _ in model.named_parameters()]
+
+
+def test_sign_activations_are_sites_and_steps_are_finite():
+    class SignNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.c(torch.sign(self.b(torch.sign(self.a(x)))))
+    prog = fxlra.compile(SignNet())
+    assert [site(prog, s).activation for s in prog.sites] == ["sign", "sign", "softmax"]
+    assert [site(prog, s).kind for s in prog.sites] == ["activation", "activation", "output"]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        out = prog.step(x, y)
+        assert torch.isfinite(out.loss)
+        assert all(torch.isfinite(v) for v in out.discrepancies.values())
+    for name, p in prog.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert prog.model.c.weight.grad.abs().sum() > 0
+
+
+# -- parameters that cannot be owned --------------------------------------------------------------
+class WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.spare, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.a(x)))
+
+
+def test_parameter_not_used_by_forward_is_a_plan_error_naming_it():
+    with pytest.raises(fxlra.PlanError, match=r"spare\.weight"):
+        fxlra.compile(WithUnused())
+
+
+def test_freezing_the_unused_parameter_makes_compile_succeed():
+    model = WithUnused()
+    model.spare.requires_grad_(False)
+    prog = fxlra.compile(model)
+    assert {r.param for r in prog.plan.params} == {"a.weight", "a.bias", "c.weight", "c.bias"}
+    updates = prog.updates(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    assert not any("spare" in k for k in updates)
+
+
+def test_parameter_used_twice_by_one_module_is_a_plan_error_naming_it():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.c = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+    with pytest.raises(fxlra.PlanError, match=r"shared\.weight"):
+        fxlra.compile(Twice())
+
+
+def test_tied_weights_across_two_modules_are_a_plan_error_naming_them():
+    """Weight tying the usual way: two modules hold the same Parameter object."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.dec.weight = self.enc.weight
+
+        def forward(self, x):
+            return self.dec(torch.tanh(self.enc(x)))
+    with pytest.raises(fxlra.PlanError, match=r"enc\.weight|dec\.weight"):
+        fxlra.compile(Tied())
+
+
+def test_functional_parameter_used_twice_is_a_plan_error():
+    class Fn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.w = nn.Parameter(torch.randn(3, 6))
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return F.linear(h, self.w) + F.linear(h * 2, self.w)
+    with pytest.raises(fxlra.PlanError, match=r"\bw\b"):
+        fxlra.compile(Fn())
+
+
+# -- ops without a rule of their own ----------------------------------------------------------------
+def test_multihead_attention_gets_the_local_vjp_rule():
+    class Att(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(4, 8)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.emb(x))
+            a, _ = self.att(h, h, h)
+            return self.fc(torch.tanh(a).mean(1))
+    x = torch.randn(2, 5, 4)
+    prog = fxlra.compile(Att(), example_inputs=x)
+    att = {r.param: r for r in prog.plan.params if r.param.startswith("att.")}
+    assert set(att) == {"att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight",
+                        "att.out_proj.bias"}
+    assert {r.rule for r in att.values()} == {"local-vjp"}
+    assert len({r.site for r in att.values()}) == 1
+    lines = prog.explain().splitlines()
+    for name in att:
+        (line,) = [l for l in lines if f"model.{name} " in l]
+        assert "local-vjp" in line
+    out = prog.step(x, torch.tensor([0, 2]))
+    assert torch.isfinite(out.loss)
+    assert prog.model.att.in_proj_weight.grad is not None
+    assert torch.isfinite(prog.model.att.in_proj_weight.grad).all()
+
+
+# -- several outputs --------------------------------------------------------------------------------
+class AuxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 6)
+        self.main, self.aux = nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        g = torch.relu(self.b(h))
+        return self.main(g), self.aux(h)
+
+
+def test_tuple_of_two_logits_gives_two_output_sites():
+    model = AuxHead()
+    prog = fxlra.compile(model)
+    plan = prog.plan
+    assert plan.outputs == ("main", "aux")
+    assert prog.sites[-1] == "main"                       # the primary output is last
+    assert site(prog, "aux").kind == "output" and site(prog, "main").kind == "output"
+    assert plan.parents("aux") == () and plan.parents("main") == ()
+    assert plan.depth["aux"] == 0
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    out_p, out_m = prog(x), model(x)
+    assert isinstance(out_p, tuple) and len(out_p) == 2
+    for a, b in zip(out_p, out_m):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    res = prog.step(x, y)
+    assert torch.isfinite(res.loss)
+    assert set(res.discrepancies) == set(prog.sites)
+    for name in ("main.weight", "aux.weight", "a.weight", "b.weight"):
+        g = prog.model.get_parameter(name).grad
+        assert g is not None and g.abs().sum() > 0, name
+    # the aux head's update is backprop's gradient of its own cross-entropy
+    aux_in = torch.relu(model.a(x)).detach()
+    logits = model.aux(aux_in)
+    grad, = torch.autograd.grad(F.cross_entropy(logits, y), model.aux.weight)
+    u = prog.updates(x, y)["model.aux.weight"]
+    torch.testing.assert_close(u, grad, rtol=1e-5, atol=1e-6)
+
+
+# -- plan identity ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("factory", [make_mlp, make_cnn,
+                                     lambda: torchvision.models.resnet18(num_classes=10)])
+def test_two_traces_give_equal_plans(factory):
+    model = factory()
+    p1 = fxlra.compile(model)
+    p2 = fxlra.compile(model)
+    assert p1.plan == p2.plan
+    assert str(p1.plan) == str(p2.plan)
+    assert p1.plan == fxlra.compile(factory()).plan      # another instance, same architecture
+
+
+class RenamedBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.first = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.norm_a = nn.BatchNorm2d(c_out)
+        self.act = nn.ReLU()
+        self.second = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.norm_b = nn.BatchNorm2d(c_out)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, inp):
+        skip = inp if self.shortcut is None else self.shortcut(inp)
+        y = self.act(self.norm_a(self.first(inp)))
+        y = self.norm_b(self.second(y))
+        return F.relu(y + skip)
+
+
+class RenamedCNN(nn.Module):
+    """conftest.SmallCNN with every attribute renamed."""
+
+    def __init__(self, c_in=3, width=4, n_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(c_in, width, 3, padding=1)
+        self.stem_norm = nn.BatchNorm2d(width)
+        self.stem_act = nn.ReLU()
+        self.down = nn.MaxPool2d(2)
+        self.res_a = RenamedBlock(width, width)
+        self.res_b = RenamedBlock(width, 2 * width, stride=2)
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.head = nn.Linear(2 * width, n_classes)
+
+    def forward(self, img):
+        img = self.down(self.stem_act(self.stem_norm(self.stem(img))))
+        img = self.res_b(self.res_a(img))
+        return self.head(self.flat(self.squeeze(img)))
+
+
+def _structure(plan):
+    pos = {s.name: k for k, s in enumerate(plan.sites)}
+    return dict(
+        sites=[(s.kind, s.activation, str(s.layout), len(s.region), len(s.ops)) for s in plan.sites],
+        outputs=[pos[o] for o in plan.outputs],
+        edges=[(pos[e.parent], pos[e.child], e.synapse, e.in_features, e.out_features)
+               for e in plan.edges],
+        rules=[(r.rule, pos[r.site]) for r in plan.params],
+        blocks=[(pos[b.output], pos.get(b.input), b.downsample) for b in plan.blocks],
+    )
+
+
+def test_renaming_modules_does_not_change_the_plan_structure():
+    a = fxlra.compile(make_cnn()).plan
+    b = fxlra.compile(RenamedCNN()).plan
+    assert {s.name for s in a.sites} != {s.name for s in b.sites}     # the names did change
+    assert _structure(a) == _structure(b)
+    assert len(a.sites) == len(b.sites) == 6
+
+
+def test_renamed_models_have_equal_updates():
+    torch.manual_seed(3)
+    m1 = make_cnn()
+    m2 = RenamedCNN()
+    m2.load_state_dict(dict(zip(m2.state_dict().keys(), m1.state_dict().values())))
+    p1, p2 = fxlra.compile(m1), fxlra.compile(m2)
+    for s, t in zip(p1.synapses.parameters(), p2.synapses.parameters()):
+        with torch.no_grad():
+            t.copy_(s)
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 4, 2])
+    u1, u2 = p1.updates(x, y), p2.updates(x, y)
+    by_model_1 = {r.param: u1[f"model.{r.param}"] for r in p1.plan.params}
+    by_model_2 = {r.param: u2[f"model.{r.param}"] for r in p2.plan.params}
+    names_1, names_2 = [n for n, _ in m1.named_parameters()], [n for n, _ in m2.named_parameters()]
+    for n1, n2 in zip(names_1, names_2):
+        torch.testing.assert_close(by_model_1[n1], by_model_2[n2], rtol=0, atol=0, msg=n1)
+
+
+# -- Plan -------------------------------------------------------------------------------------------
+def test_plan_verifies_and_prints_every_site_and_parameter():
+    model = make_cnn()
+    plan = fxlra.compile(model).plan
+    assert plan.verify() is plan
+    text = str(plan)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"Plan: {len(plan.sites)} sites, {len(plan.edges)} error synapses, "
+                               f"{len(plan.params)} parameters")
+    for s in plan.sites:
+        assert any(l.split() and l.split()[0] == s.name for l in lines), s.name
+    for name, _ in model.named_parameters():
+        assert any(l.split() and l.split()[0] == name for l in lines), name
+    for e in plan.edges:
+        assert f"{e.parent} -> {e.child}: {e.synapse}" in text
+
+
+def test_plan_is_frozen():
+    plan = fxlra.compile(make_mlp()).plan
+    with pytest.raises(Exception):
+        plan.sites = ()
+    with pytest.raises(Exception):
+        plan.sites[0].name = "x"
+
+
+def test_plan_verify_catches_a_broken_plan():
+    import dataclasses
+    plan = fxlra.compile(make_mlp(), wiring="pairwise").plan
+    orphaned = dataclasses.replace(plan, edges=plan.edges[1:])
+    with pytest.raises(AssertionError, match=plan.edges[0].child):
+        orphaned.verify()
+
+
+# -- layouts and synapse kinds ----------------------------------------------------------------------
+def test_layouts_of_linear_and_conv_sites():
+    prog = fxlra.compile(make_cnn(width=4, n_classes=5))
+    assert str(site(prog, "fc").layout) == "vector[5]"
+    assert str(site(prog, "relu").layout) == "spatial[4@1]"
+    assert str(site(prog, "relu_2").layout) == "spatial[8@1]"
+    mlp = fxlra.compile(make_mlp(widths=(8, 7)))
+    assert [str(site(mlp, s).layout) for s in mlp.sites] == ["vector[8]", "vector[7]", "vector[4]"]
+
+
+class ConvThenDense(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(6, 7)
+        self.fc2 = nn.Linear(7, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = torch.relu(self.conv2(h))
+        v = torch.tanh(self.fc1(self.gap(h).flatten(1)))
+        return self.fc2(v)
+
+
+def test_synapse_kinds_follow_the_layouts():
+    m = ConvThenDense()
+    pre = fxlra.compile(m)
+    s_map1, s_map2, s_vec, out = pre.sites
+    assert [str(site(pre, s).layout) for s in pre.sites] == \
+        ["spatial[4@1]", "spatial[6@1]", "vector[7]", "vector[5]"]
+    wiring = {s_vec: out, s_map2: out, s_map1: [s_map2, s_vec]}
+    prog = fxlra.compile(m, wiring=wiring)
+    kinds = {(e.parent, e.child): e.synapse for e in prog.plan.edges}
+    assert kinds == {(out, s_vec): "dense", (out, s_map2): "broadcast",
+                     (s_map2, s_map1): "pointwise", (s_vec, s_map1): "broadcast"}
+    shapes = {k: tuple(prog.synapse(*k).weight.shape) for k in kinds}
+    assert shapes == {(out, s_vec): (7, 5), (out, s_map2): (6, 5), (s_map2, s_map1): (4, 6),
+                      (s_vec, s_map1): (4, 7)}
+    pooled = fxlra.compile(m, wiring={s_map1: out, s_map2: out, s_vec: s_map2})
+    edge = pooled.plan.edge(s_map2, s_vec)
+    assert edge.synapse == "pool" and (edge.in_features, edge.out_features) == (6, 7)
+    assert tuple(pooled.synapse(s_map2, s_vec).weight.shape) == (7, 6)
+    x, y = torch.randn(2, 3, 6, 6), torch.tensor([1, 4])
+    for p in (prog, pooled):
+        assert torch.isfinite(p.step(x, y).loss)
+
+
+# -- shapes that cannot be inferred -----------------------------------------------------------------
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class LeafFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.a, self.c = Encoder(), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.a(torch.tanh(self.enc(x)))))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x, u):
+        return self.c(torch.tanh(self.a(x) + self.b(u)))
+
+
+@pytest.mark.parametrize("model, kw, example", [
+    (LeafFirst, {"leaf_modules": [Encoder]}, (torch.zeros(2, 10),)),
+    (TwoInputs, {}, (torch.zeros(2, 4), torch.zeros(2, 5))),
+])
+def test_shapes_that_cannot_be_inferred_ask_for_example_inputs(model, kw, example):
+    m = model()
+    with pytest.raises(fxlra.PlanError, match="example_inputs="):
+        fxlra.compile(m, **kw)
+    prog = fxlra.compile(m, example_inputs=example if len(example) > 1 else example[0], **kw)
+    assert [str(site(prog, s).layout) for s in prog.sites][-1] == "vector[3]"
+    assert {r.param for r in prog.plan.params} == {n for n, _ in m.named_parameters()}
