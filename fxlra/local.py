@@ -47,13 +47,26 @@ def _affine_grads(m, xhat, c, dims):
 
 
 def batchnorm_grads(m, x, c):
-    dims = [0] + list(range(2, x.dim()))
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    if m.training or m.running_mean is None:
-        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
-    else:
-        mean, var = m.running_mean.view(shape), m.running_var.view(shape)
-    return _affine_grads(m, (x - mean) * torch.rsqrt(var + m.eps), c, dims)
+    """gamma: sum(c * xhat), beta: sum(c), over batch and space, by ATen's batch-norm backward
+    (weight and bias only) with the batch statistics in training, the running ones in eval."""
+    if m.weight is None and m.bias is None:
+        return {}
+    train = m.training or m.running_mean is None
+    save_mean = save_invstd = None
+    if train:
+        dims = [0] + list(range(2, x.dim()))
+        var, save_mean = torch.var_mean(x, dims, correction=0)
+        save_invstd = torch.rsqrt(var + m.eps)
+    weight = m.weight if m.weight is not None else torch.ones_like(m.running_mean)
+    _, dw, db = aten.native_batch_norm_backward(
+        c, x, weight, m.running_mean, m.running_var, save_mean, save_invstd, train, m.eps,
+        [False, m.weight is not None, m.bias is not None])
+    grads = {}
+    if m.weight is not None:
+        grads["weight"] = dw
+    if m.bias is not None:
+        grads["bias"] = db
+    return grads
 
 
 def layernorm_grads(m, x, c):

@@ -120,7 +120,8 @@ class Program(nn.Module):
             params = [self._by_name[n] for n in self._update_names]
             rules.reproject_all(updates, self.options["clip"])
             rules.accumulate_grads(params, updates)
-        discrepancies = {s: e.pow(2).sum() / e.shape[0] for s, e in errors.items()}
+        norms = torch._foreach_norm(list(errors.values()))
+        discrepancies = {s: n * n / e.shape[0] for (s, e), n in zip(errors.items(), norms)}
         return StepResult(loss, discrepancies)
 
 

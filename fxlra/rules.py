@@ -120,9 +120,9 @@ def output_error(v, target, loss):
 def inner_error(z, y, alpha, kappa):
     """e = kappa * (alpha * (z - y) + (1 - alpha) * sign(z - y))."""
     diff = z - y
-    if alpha == 1.0:
-        return kappa * diff
-    return kappa * (alpha * diff + (1.0 - alpha) * torch.sign(diff))
+    if alpha != 1.0:
+        diff = alpha * diff + (1.0 - alpha) * torch.sign(diff)
+    return diff if kappa == 1.0 else kappa * diff
 
 
 def reproject(update, clip):

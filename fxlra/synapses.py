@@ -67,9 +67,16 @@ def _broadcast(syn, e, shape):
     return place(e @ syn.weight.t(), "broadcast", shape, syn.child_dim)
 
 
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
 def _pointwise(syn, e, shape):
-    d = e.movedim(syn.parent_dim, -1) @ syn.weight.t()          # (B, *S_j, C_i)
-    d = d.movedim(-1, 1)                                         # (B, C_i, *S_j)
+    if syn.parent_dim == 1 and e.dim() in _CONV:                 # maps: a 1x1 convolution
+        w = syn.weight.view(*syn.weight.shape, *([1] * (e.dim() - 2)))
+        d = _CONV[e.dim()](e, w)                                 # (B, C_i, *S_j)
+    else:
+        d = e.movedim(syn.parent_dim, -1) @ syn.weight.t()      # (B, *S_j, C_i)
+        d = d.movedim(-1, 1)                                     # (B, C_i, *S_j)
     child = list(shape)
     channels = child.pop(syn.child_dim)
     d = _resize(d, child[1:])
@@ -105,6 +112,12 @@ def _pointwise_grad(syn, e, c):
     parent_spatial = [n for k, n in enumerate(e.shape[1:], 1) if k != syn.parent_dim % e.dim()]
     if child_spatial != parent_spatial:
         return None
+    if syn.parent_dim == 1 and syn.child_dim == 1 and e.dim() in _CONV:
+        w = syn.weight.view(*syn.weight.shape, *([1] * (e.dim() - 2)))
+        _, dw, _ = torch.ops.aten.convolution_backward(
+            c, e, w, None, [1] * (e.dim() - 2), [0] * (e.dim() - 2), [1] * (e.dim() - 2),
+            False, [0] * (e.dim() - 2), 1, [False, True, False])
+        return dw.view(syn.weight.shape)
     c2 = c.movedim(syn.child_dim, -1).reshape(-1, c.shape[syn.child_dim])
     e2 = e.movedim(syn.parent_dim, -1).reshape(-1, e.shape[syn.parent_dim])
     return c2.t() @ e2
