@@ -183,3 +183,15 @@ def test_generated_source_snapshot(name, build, shape):
         assert prog.code == f.read(), f"generated source changed; rerun with FXLRA_ACCEPT=1"
     x = torch.randn(*shape, dtype=torch.float64)
     assert_same_updates(prog, x, torch.tensor([0, 1]))
+
+
+def test_the_program_can_be_captured_by_torch_compile():
+    """Dynamo captures the generated program (the "eager" backend skips C++ compilation, which
+    the CPU benchmark times); the compiled step equals the eager one."""
+    torch._dynamo.reset()
+    prog = fxlra.compile(make_mlp(), wiring="pairwise")
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 0, 1])
+    eager = prog.updates(x, y)
+    compiled = torch.compile(prog.updates, backend="eager")(x, y)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=0)
