@@ -253,6 +253,15 @@ class Generator:
                 _meta_shape(node.args[0]) is None:
             self._cot(node.args[0].name, f"{{{node.args[1]!r}: {c}}}", defined, [c])
             return
+        if node.op == "call_function" and node.target in local.CAT_FUNCTIONS:
+            tensors = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            listed = "[" + ", ".join(t.name for t in tensors) + "]"
+            for k, t in enumerate(tensors):
+                if t.name in region:
+                    self._cot(t.name, f"local.cat_part({c}, {dim}, {listed}, {k})", defined,
+                              [c] + [u.name for u in tensors])
+            return
         call = local.OpCall(node, self.modules)
         rule = local.lookup(local.CARRY_MODULES, local.CARRY_FUNCTIONS, local.CARRY_METHODS,
                             call)

@@ -158,6 +158,14 @@ def _transpose(call, x, c):
     return c.transpose(call.args[1], call.args[2])
 
 
+def cat_part(c, dim, inputs, k):
+    """The VJP of torch.cat for its k-th input: that input's slice of the cotangent."""
+    start = sum(t.shape[dim] for t in inputs[:k])
+    return c.narrow(dim, start, inputs[k].shape[dim])
+
+
+CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+
 CARRY_MODULES = {nn.Flatten: _reshape_back, nn.MaxPool2d: _max_pool2d,
                  nn.AvgPool2d: _avg_pool2d, nn.AdaptiveAvgPool2d: _adaptive_avg_pool2d}
 CARRY_FUNCTIONS = {torch.flatten: _reshape_back, torch.reshape: _reshape_back,

@@ -68,6 +68,10 @@ class Program(nn.Module):
             for name, _ in self.synapses[e.key].named_parameters():
                 lines.append(f"synapses.{e.key}.{name:<12} {e.child:<22} "
                              f"{'synapse-' + self.options['error_rule']:<12} {e.parent}")
+        carried = [n for n in self.fallbacks if n not in {r.op for r in self.plan.params}]
+        if carried:
+            lines.append(f"Errors are carried back through {', '.join(carried)} by that op's own "
+                         "local VJP (torch.func; fxlra has no explicit rule for it).")
         lines.append("No parameter is trained by backpropagation: every update uses only its own "
                      "site's error.")
         return "\n".join(lines)
