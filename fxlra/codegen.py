@@ -63,6 +63,7 @@ class Generator:
         self.src = _Source()
         self.fallbacks = []              # op names that use torch.func on one op
         self._shared = {}                # edge key -> (shared projection part, synapse kind)
+        self.update_names = []           # (parameter name, expression, variable) in order
 
     # -- names and expressions --------------------------------------------------------------------
     def glob(self, obj, hint):
@@ -191,7 +192,6 @@ class Generator:
         self._shared.update({e.key: (f"part_{e.key}", self.synapses[e.key].kind) for e in group})
 
     def updates(self):
-        self.update_names = []
         for site in self.plan.sites:
             self._site_updates(site)
         self._synapse_updates()
@@ -363,7 +363,7 @@ class Generator:
         inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder" and not n.args]
         header = [f"def rec_lra_updates({', '.join(inputs)}, labels):",
                   f'    """rec-LRA updates for {type(self.gm).__name__}: {len(self.plan.sites)} '
-                  f'sites, {len(self.plan.edges)} error synapses, wiring {self.plan.wiring}."""']
+                  f'sites, {len(self.plan.edges)} error synapse(s), wiring {self.plan.wiring}."""']
         body = self.src.render(keep=set())
         return "\n".join(header + body) + "\n", [n for n, _, _ in self.update_names]
 

@@ -129,7 +129,7 @@ class Program(nn.Module):
         return StepResult(loss, discrepancies)
 
 
-def _build_edges(plan_sites, graph, name, overrides, std):
+def _build_edges(plan_sites, graph, overrides, std):
     """Edges of the error graph with their synapse modules, in a deterministic order."""
     index = {s.name: s for s in plan_sites}
     position = {s.name: k for k, s in enumerate(plan_sites)}
@@ -141,7 +141,7 @@ def _build_edges(plan_sites, graph, name, overrides, std):
     edges, modules = [], {}
     for parent, child in pairs:
         override = overrides.get((parent, child))
-        module = syn.make(None, index[parent].layout, index[child].layout, std, override)
+        module = syn.make(index[parent].layout, index[child].layout, std, override)
         kind = module.kind if isinstance(module, syn.Synapse) else "custom"
         edge = Edge(parent, child, kind, index[parent].layout.channels,
                     index[child].layout.channels)
@@ -164,13 +164,13 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     sites, params, site_graph = analysis.analyse(gm, model, rules.OUTPUT_PHI[loss],
                                                      example_inputs)
     graph, name = wiring_mod.build(wiring, site_graph, depth)
-    edges, modules = _build_edges(sites, graph, name, synapses, error_init_std)
+    edges, modules = _build_edges(sites, graph, synapses, error_init_std)
     plan = Plan(sites=sites, outputs=site_graph.outputs, params=params, edges=edges,
                 wiring=name, blocks=site_graph.blocks).verify()
     options = dict(loss=loss, beta=beta, gamma=gamma, alpha=alpha, kappa=kappa,
                    error_rule=error_rule, local_rule=local_rule, clip=clip)
-    device_dtype = next(model.parameters(), torch.empty(0))
+    like = next(model.parameters(), torch.empty(0))
     prog = Program(model, gm, plan, graph, modules, options)
-    prog.synapses.to(device=device_dtype.device, dtype=device_dtype.dtype)
+    prog.synapses.to(device=like.device, dtype=like.dtype)
     prog.train(model.training)
     return prog

@@ -15,7 +15,7 @@ from torch import fx
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from . import ops, rules, synapses as syn
+from . import local, ops, rules, synapses as syn
 
 
 @dataclass
@@ -104,6 +104,7 @@ class _Run:
         self.modules = dict(gm.named_modules())
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.depth = plan.depth
+        self.env = {}                    # node name -> recorded value (RUNINFERENCE)
 
     def compute_error_neurons(self, y, sig):
         for name, v in zip(self.plan.outputs, sig.outputs):
@@ -172,7 +173,7 @@ class _Run:
             out = []
             for k, a in enumerate(node.args[:len(signs)]):
                 if isinstance(a, fx.Node) and a.name in region:
-                    out.append((a.name, _reduce_to(signs[k] * c, self.env[a.name].shape)))
+                    out.append((a.name, local.reduce_to(signs[k] * c, self.env[a.name].shape)))
             return out
         if node.op == "call_function" and node.target is operator.getitem and \
                 isinstance(self.env[node.args[0].name], (tuple, list)):
@@ -226,16 +227,6 @@ class _Run:
             updates[edge.key] = {n: sign * self.o["gamma"] * g / batch
                                  for n, g in zip(local, grads)}
         return updates
-
-
-def _reduce_to(c, shape):
-    """Sum a cotangent over the axes that were broadcast to reach it."""
-    if tuple(c.shape) == tuple(shape):
-        return c
-    while c.dim() > len(shape):
-        c = c.sum(0)
-    dims = [k for k, n in enumerate(shape) if n == 1 and c.shape[k] != 1]
-    return c.sum(dims, keepdim=True) if dims else c
 
 
 def compute_updates(gm, plan, synapses, x, y, options):

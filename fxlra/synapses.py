@@ -142,7 +142,7 @@ def weight_grads(synapse, e, c):
     return [grads[n] for n in params]
 
 
-def make(edge, parent_layout, child_layout, std, override=None):
+def make(parent_layout, child_layout, std, override=None):
     """The synapse module of an edge: the default for its layouts, a kind named in ``override``,
     or the user's own module."""
     if isinstance(override, nn.Module):

@@ -1,5 +1,5 @@
 def rec_lra_updates(input_1, labels):
-    """rec-LRA updates for Sequential: 2 sites, 1 error synapses, wiring pairwise."""
+    """rec-LRA updates for Sequential: 2 sites, 1 error synapse(s), wiring pairwise."""
     # forward: every value the updates read is kept until its last use
     _0 = m_0(input_1)
     _1 = m_1(_0)
