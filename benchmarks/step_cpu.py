@@ -5,6 +5,7 @@ JSON (``--out``). Usage: python benchmarks/step_cpu.py [--repeats 20] [--compile
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -33,7 +34,8 @@ def resnet18_cifar():
     return model, torch.randn(32, 3, 32, 32)
 
 
-MODELS = {"mlp5x256": (mlp, "pairwise"), "resnet18_32x32": (resnet18_cifar, "residual")}
+MODELS = {"mlp5x256-pairwise": (mlp, "pairwise"), "mlp5x256-direct": (mlp, "direct"),
+          "resnet18_32x32": (resnet18_cifar, "residual")}
 
 
 def median_ms(fn, repeats, warmup=3):
@@ -69,6 +71,16 @@ def fxlra_step(prog, opt, x, y, reference=False):
     return step
 
 
+def profile(step, name, rows=8):
+    """Where the time of one rec-LRA step goes: the ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(f"-- {name}: fxlra step, top ops by self time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def run(args):
     torch.manual_seed(0)
     results = {}
@@ -85,6 +97,8 @@ def run(args):
         popt = torch.optim.AdamW(prog.parameters(), lr=1e-4)
         rows["fxlra"] = median_ms(fxlra_step(prog, popt, x, y), args.repeats)
         rows["reference"] = median_ms(fxlra_step(prog, popt, x, y, True), max(3, args.repeats // 4))
+        if args.profile:
+            profile(fxlra_step(prog, popt, x, y), name)
         base = rows["backprop"]
         results[name] = {"ms": rows, "ratio_to_backprop": {k: v / base for k, v in rows.items()},
                          "batch": x.shape[0], "wiring": wiring, "fallback_ops": list(prog.fallbacks)}
@@ -97,6 +111,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile backprop")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="print where the time goes")
     parser.add_argument("--out", default="benchmarks/results/step_cpu.json")
     args = parser.parse_args()
     if args.threads:
@@ -107,7 +122,6 @@ def main():
     meta = {"hardware": platform.processor() or platform.machine(), "threads":
             torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
             "commit": commit, "repeats": args.repeats}
-    import os
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)

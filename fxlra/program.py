@@ -124,8 +124,9 @@ class Program(nn.Module):
             params = [self._by_name[n] for n in self._update_names]
             rules.reproject_all(updates, self.options["clip"])
             rules.accumulate_grads(params, updates)
-        norms = torch._foreach_norm(list(errors.values()))
-        discrepancies = {s: n * n / e.shape[0] for (s, e), n in zip(errors.items(), norms)}
+        squares = torch._foreach_pow(torch._foreach_norm(list(errors.values())), 2)
+        torch._foreach_div_(squares, float(x.shape[0]))
+        discrepancies = dict(zip(errors, squares))
         return StepResult(loss, discrepancies)
 
 

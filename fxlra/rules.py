@@ -102,8 +102,9 @@ def output_error(v, target, loss):
     """e_L and the loss value: softmax(v) - onehot(y) with the mean cross-entropy, or v - y with
     the mean squared error."""
     if loss == "cross_entropy":
-        e = torch.softmax(v, dim=-1) - target
-        value = -(target * torch.log_softmax(v, dim=-1)).sum(-1).mean()
+        log_p = torch.log_softmax(v, dim=-1)
+        e = log_p.exp() - target
+        value = -(target * log_p).sum() / v.shape[0]
     else:
         e = v - target
         value = F.mse_loss(v, target)
@@ -130,8 +131,9 @@ def reproject_all(updates, clip):
     """Re-project every update in place with multi-tensor ops: one norm pass, one scale pass."""
     if clip is None or not updates:
         return updates
-    norms = torch._foreach_norm(updates)
-    scales = [torch.clamp(clip / n, max=1.0) for n in norms]
+    scales = torch._foreach_reciprocal(torch._foreach_norm(updates))   # 1/0 = inf -> scale 1
+    torch._foreach_mul_(scales, float(clip))
+    torch._foreach_clamp_max_(scales, 1.0)
     torch._foreach_mul_(updates, scales)
     return updates
 
