@@ -143,9 +143,15 @@ class Generator:
                          f"{o['loss']!r})", [f"err_{name}", f"loss_{name}"], [name, f"target_{name}"])
             self._shared_projections(name)
         depth = self.plan.depth
+        wave, last = self._waves(), None
         for i in self.plan.error_order():
             if i in self.plan.outputs:
                 continue
+            if wave[i] != wave.get(last):
+                peers = [s for s in self.plan.error_order() if wave.get(s) == wave[i]]
+                note = " (independent: their parents are in earlier waves)" if peers[1:] else ""
+                self.src.comment(f"wave {wave[i]}: {', '.join(peers)}{note}")
+            last = i
             site = self.plan.site(i)
             parents = self.plan.parents(i)
             self.src.comment(f"site {i} (depth {depth[i]}, error from {', '.join(parents)})")
@@ -171,6 +177,14 @@ class Generator:
             self.src.add(f"err_{i} = rules.inner_error({i}, target_{i}, {alpha!r}, {kappa!r})",
                          [f"err_{i}"], [i, f"target_{i}"])
             self._shared_projections(i)
+
+    def _waves(self):
+        """The error stage in waves: a site's wave is one more than its latest parent's."""
+        wave = {}
+        for i in self.plan.error_order():
+            parents = self.plan.parents(i)
+            wave[i] = 1 + max(wave[p] for p in parents) if parents else 0
+        return wave
 
     def _shared_projections(self, parent):
         """One matrix multiply for all dense/broadcast synapses reading the same vector error."""

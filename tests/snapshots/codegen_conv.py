@@ -13,6 +13,7 @@ def rec_lra_updates(input_1, labels):
     del labels
     err__5, loss__5 = rules.output_error(_5, target__5, 'cross_entropy')
     del target__5
+    # wave 1: _2
     # site _2 (depth 1, error from _5)
     disp__2 = syn.apply(syn__5__to___2, err__5, _2.shape)
     target__2 = m_2((_1 - 0.1 * disp__2))

@@ -8,6 +8,7 @@ def rec_lra_updates(input_1, labels):
     del labels
     err__1, loss__1 = rules.output_error(_1, target__1, 'cross_entropy')
     del target__1
+    # wave 1: _0
     # site _0 (depth 1, error from _1)
     disp__0 = syn.apply(syn__1__to___0, err__1, _0.shape)
     target__0 = _0 - 0.1 * disp__0

@@ -9,6 +9,7 @@ def rec_lra_updates(input_1, labels):
     del labels
     err__2, loss__2 = rules.output_error(_2, target__2, 'cross_entropy')
     del target__2
+    # wave 1: _1
     # site _1 (depth 1, error from _2)
     disp__1 = syn.apply(syn__2__to___1, err__2, _1.shape)
     target__1 = m_1((_0 - 0.1 * disp__1))
