@@ -285,17 +285,36 @@ def _regions(nodes, sites, pending):
     return owner
 
 
-def _channel_dim(shape, region, modules, op_params):
-    """The feature axis of a site: the axis (1 or last) whose size is the feature count of the
-    nearest parametrised op in its region; the op's kind decides when both or neither match."""
-    for node in reversed(region):
-        if node in op_params:
-            last = ops.channel_last(node, modules)
-            features = ops.feature_count(node, modules, modules[""])
-            matches = [d for d in (1, -1) if shape[d] == features]
+def _next_module_op(node, modules, op_params):
+    """The first parametrised module the site's value reaches (its next consumer), if any."""
+    frontier, seen = list(node.users), set()
+    while frontier:
+        n = frontier.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in op_params and n.op == "call_module":
+            return n
+        frontier.extend(n.users)
+    return None
+
+
+def _channel_dim(node, shape, region, modules, op_params):
+    """The feature axis of a site (1 or last): the one axis whose size is the input feature
+    count of the next module that reads it, else the output feature count of the nearest
+    parametrised op before it; the op's kind decides when both or neither axis match."""
+    after = _next_module_op(node, modules, op_params)
+    if after is not None:
+        matches = [d for d in (1, -1) if shape[d] in ops.input_feature_counts(modules[after.target])]
+        if len(matches) == 1:
+            return matches[0]
+    for op in reversed(region):
+        if op in op_params:
+            features = ops.feature_counts(op, modules, modules[""])
+            matches = [d for d in (1, -1) if shape[d] in features]
             if len(matches) == 1:
                 return matches[0]
-            return -1 if last else 1
+            return -1 if ops.channel_last(op, modules) else 1
     return -1 if len(shape) == 3 else 1
 
 
@@ -306,7 +325,7 @@ def _layout(node, region, modules, op_params):
                         "at least one feature dimension (B, C, ...)")
     if len(shape) == 2:
         return Layout("vector", shape[1], 1)
-    dim = _channel_dim(shape, region, modules, op_params)
+    dim = _channel_dim(node, shape, region, modules, op_params)
     return Layout("spatial", shape[dim], dim)
 
 

@@ -338,6 +338,8 @@ class Generator:
                 c, uses = f"disp_{i}", [f"disp_{i}"]
             elif which == "z":
                 c, uses = i, [i]
+            elif site.kind != "activation":                   # phi = identity: phi' = 1
+                c, uses = f"err_{i}", [f"err_{i}"]
             else:
                 pre = f"{site.h} - {self.o['beta']!r} * disp_{i}"
                 c = f"err_{i} * {self._phi_prime(site, '(' + pre + ')')}"

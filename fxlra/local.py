@@ -246,6 +246,14 @@ def _cotangent_like(out, cot):
     return tuple(cot[k] if k in cot else torch.zeros_like(o) for k, o in enumerate(out))
 
 
+def _tensors_only(out):
+    """An op's output for torch.func: a None in a tuple (attention without weights) becomes a
+    constant that no cotangent reaches."""
+    if isinstance(out, (tuple, list)):
+        return tuple(o if isinstance(o, torch.Tensor) else torch.zeros(()) for o in out)
+    return out
+
+
 def local_vjp(fn, args, kwargs, cot, wrt):
     """The fallback for ops with no explicit rule: torch.func's VJP of this one op at its
     recorded inputs, for the leaves of ``(args, kwargs)`` at the flat positions ``wrt``."""
@@ -256,7 +264,7 @@ def local_vjp(fn, args, kwargs, cot, wrt):
         for k, v in zip(wrt, chosen):
             full[k] = v
         a, kw = torch.utils._pytree.tree_unflatten(full, spec)
-        return fn(*a, **kw)
+        return _tensors_only(fn(*a, **kw))
     out, pullback = torch.func.vjp(partial, *[leaves[k] for k in wrt])
     return list(pullback(_cotangent_like(out, cot)))
 
@@ -268,7 +276,8 @@ def module_param_vjp(module, args, kwargs, cot):
     buffers = {n: b.clone() for n, b in module.named_buffers()}
 
     def call(p):
-        return torch.func.functional_call(module, {**p, **buffers}, tuple(args), kwargs)
+        return _tensors_only(torch.func.functional_call(module, {**p, **buffers}, tuple(args),
+                                                        kwargs))
     out, pullback = torch.func.vjp(call, params)
     (grads,) = pullback(_cotangent_like(out, cot))
     return grads

@@ -146,21 +146,36 @@ _FEATURE_ATTRIBUTES = ("out_features", "out_channels", "num_features", "num_chan
                        "embedding_dim", "embed_dim")
 
 
-def feature_count(node, modules, root):
-    """How many features a parametrised op produces: a module's attribute, or for a function
-    the leading size of its first parameter (weight (out, in), norm weight (C,)); else None."""
+def feature_counts(node, modules, root):
+    """The feature counts a parametrised op may produce: a module's attribute, or for a function
+    the leading size of each of its parameters (weight (out, in), norm weight (C,))."""
     if node.op == "call_module":
         m = modules[node.target]
         for name in _FEATURE_ATTRIBUTES:
             if isinstance(getattr(m, name, None), int):
-                return getattr(m, name)
+                return {getattr(m, name)}
         shape = getattr(m, "normalized_shape", None)
-        return shape[-1] if shape else None
+        return {shape[-1]} if shape else set()
+    counts = set()
     for a in node.all_input_nodes:
         if a.op == "get_attr":
             value = root
             for part in a.target.split("."):
                 value = getattr(value, part)
             if isinstance(value, nn.Parameter) and value.dim():
-                return value.shape[0]
-    return None
+                counts.add(value.shape[0])
+    return counts
+
+
+_INPUT_FEATURE_ATTRIBUTES = ("in_features", "in_channels", "num_features", "num_channels",
+                             "embed_dim")
+
+
+def input_feature_counts(module):
+    """The feature counts a parametrised module reads (Linear's in_features, Conv's
+    in_channels, a norm's features); empty when it does not say."""
+    for name in _INPUT_FEATURE_ATTRIBUTES:
+        if isinstance(getattr(module, name, None), int):
+            return {getattr(module, name)}
+    shape = getattr(module, "normalized_shape", None)
+    return {shape[-1]} if shape else set()
