@@ -6,17 +6,14 @@ whose error is still unresolved there ("pending"). An activation whose input has
 is a site; an identity site is added where pending ops would otherwise reach a feature-mixing
 op, fan out to several users, or reach an output. The sweep repeats until no site is added.
 """
-import logging
 import operator
 from dataclasses import dataclass
 
 import networkx as nx
 import torch
-from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+from torch import fx
 
-from . import ops
+from . import ops, shapes
 from .errors import PlanError
 from .plan import Block, Layout, ParamRule, Site
 
@@ -30,104 +27,6 @@ class SiteGraph:
     outputs: tuple
     downstream: dict
     blocks: tuple
-
-
-# -- shapes ---------------------------------------------------------------------------------------
-_PROBE_SIZES = (64, 32, 28, 224, 299, 96, 128)
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs the graph on fake tensors and stores each node's tensor metadata."""
-
-    def run_node(self, n):
-        result = super().run_node(n)
-        n.meta["tensor_meta"] = torch.utils._pytree.tree_map(
-            lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v, result)
-        return result
-
-
-def _probe_candidates(gm, modules):
-    """Example input shapes to try, from the first parametrised module that reads the input."""
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
-    if len(inputs) != 1:
-        return []
-    frontier, seen = [inputs[0]], set()
-    while frontier:
-        node = frontier.pop(0)
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_module":
-            m = modules[node.target]
-            rank = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}.get(type(m))
-            like = dict(dtype=m.weight.dtype, device=m.weight.device) if rank or \
-                isinstance(m, nn.Linear) else {}
-            if rank:
-                return [torch.zeros((2, m.in_channels) + (s,) * rank, **like)
-                        for s in _PROBE_SIZES]
-            if isinstance(m, nn.Linear):
-                return [torch.zeros(2, m.in_features, **like)]
-            if isinstance(m, nn.Embedding):
-                return [torch.zeros(2, 16, dtype=torch.long)]
-        frontier.extend(node.users)
-    return []
-
-
-def _record_shapes(gm, args, fake):
-    if not fake:
-        with torch.no_grad():
-            _ShapeRecorder(gm).run(*args)
-        return
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    values = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-    with mode:
-        _ShapeRecorder(gm).run(*values)
-
-
-def propagate_shapes(gm, example_inputs=None):
-    """Fill ``node.meta['tensor_meta']`` without computing anything (fake tensors)."""
-    modules = dict(gm.named_modules())
-    if example_inputs is not None:
-        candidates = [example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)]
-    else:
-        candidates = [(x,) for x in _probe_candidates(gm, modules)]
-    errors = []
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)      # a rejected probe shape is expected, not an error
-    saved = {n: b.clone() for n, b in gm.named_buffers()}
-    try:
-        # fake tensors first (no compute); real ones for ops that need values (a leaf module
-        # with data-dependent control flow); the model's buffers are restored either way
-        for fake, args in [(True, a) for a in candidates] + [(False, a) for a in candidates]:
-            try:
-                _record_shapes(gm, args, fake)
-                return
-            except Exception as exc:  # a shape the model rejects; try the next candidate
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                errors.append(f"input {tuple(args[0].shape) if args else ()}: {first}")
-    finally:
-        quiet.setLevel(level)
-        with torch.no_grad():
-            for n, b in gm.named_buffers():
-                b.copy_(saved[n])
-    detail = "; ".join(errors[-2:]) or "its first layer does not tell the input's channel count"
-    raise PlanError(
-        f"fxlra cannot infer the tensor shapes of {gm.__class__.__name__} ({detail}). "
-        "Pass one example batch: fxlra.compile(model, example_inputs=x)")
-
-
-def _shape(node):
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
-
-
-def _tensor_valued(node):
-    """Whether a node computes tensors (not shapes, ints or other Python values)."""
-    meta = node.meta.get("tensor_meta")
-    if isinstance(meta, TensorMetadata):
-        return True
-    return isinstance(meta, (tuple, list)) and any(isinstance(m, TensorMetadata) for m in meta)
 
 
 def _from_input(nodes):
@@ -213,7 +112,7 @@ def _sweep(nodes, modules, op_params, identity, outputs, from_input):
     """One forward pass of the site rule. Returns (sites, pending) for the given forced sites."""
     pending, sites = {}, []
     for node in nodes:
-        if node.op in ("placeholder", "get_attr", "output") or not _tensor_valued(node):
+        if node.op in ("placeholder", "get_attr", "output") or not shapes.tensor_valued(node):
             pending[node] = frozenset()
             continue
         incoming = frozenset().union(*(pending[a] for a in node.all_input_nodes))
@@ -249,7 +148,7 @@ def _violations(nodes, modules, op_params, pending, from_input):
 def _nearest_tensor(node, pending):
     """The node itself if it is one tensor; for a tuple (chunk, split, attention outputs) the
     tensors with unresolved errors that feed it, where an identity site can sit."""
-    if _shape(node) is not None:
+    if shapes.shape_of(node) is not None:
         return {node}
     found = set()
     for a in node.all_input_nodes:
@@ -319,7 +218,7 @@ def _channel_dim(node, shape, region, modules, op_params):
 
 
 def _layout(node, region, modules, op_params):
-    shape = _shape(node)
+    shape = shapes.shape_of(node)
     if shape is None or len(shape) < 2:
         raise PlanError(f"site {node.name} has shape {shape}; rec-LRA needs a batch dimension and "
                         "at least one feature dimension (B, C, ...)")
@@ -407,7 +306,7 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None):
     modules = dict(gm.named_modules())
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    propagate_shapes(gm, example_inputs)
+    shapes.propagate_shapes(gm, example_inputs)
     op_params = find_param_ops(gm, modules, model)
     nodes = list(gm.graph.nodes)
     site_nodes, outputs, pending = find_sites(gm, modules, op_params)

@@ -16,9 +16,8 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.passes.shape_prop import TensorMetadata
 
-from . import local, ops, rules, synapses as syn
+from . import local, ops, rules, shapes, synapses as syn
 
 
 def _is_simple(value):
@@ -259,12 +258,12 @@ class Generator:
             for k, a in enumerate(node.args[:len(signs)]):
                 if isinstance(a, fx.Node) and a.name in region:
                     expr = c if signs[k] == 1 else f"-{c}"
-                    if _meta_shape(a) != _meta_shape(node):
+                    if shapes.shape_of(a) != shapes.shape_of(node):
                         expr = f"local.reduce_to({expr}, {a.name}.shape)"
                     self._cot(a.name, expr, defined, [c, a.name])
             return
         if node.op == "call_function" and node.target is operator.getitem and \
-                _meta_shape(node.args[0]) is None:
+                shapes.shape_of(node.args[0]) is None:
             self._cot(node.args[0].name, f"{{{node.args[1]!r}: {c}}}", defined, [c])
             return
         if node.op == "call_function" and node.target in local.CAT_FUNCTIONS:
@@ -405,11 +404,6 @@ class _Fetch:
 def _jvp_derivative(call, h):
     """phi'(h) for an elementwise activation without a listed derivative (forward-mode)."""
     return torch.func.jvp(call, (h,), (torch.ones_like(h),))[1]
-
-
-def _meta_shape(node):
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
 
 
 def build(gm, plan, synapse_modules, options):

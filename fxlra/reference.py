@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 from torch.func import functional_call
-from torch.utils import _pytree as pytree
 
 from . import local, ops, rules, synapses as syn
 

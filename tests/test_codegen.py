@@ -174,13 +174,13 @@ def test_channels_last_inputs_give_the_same_updates():
 def test_generated_source_snapshot(name, build, shape):
     torch.manual_seed(0)
     prog = fxlra.compile(build().double(), wiring="pairwise", error_init_std=0.5)
-    expected = os.path.join(os.path.dirname(__file__), "snapshots", f"codegen_{name}.py")
+    expected = os.path.join(os.path.dirname(__file__), "snapshots", f"codegen_{name}.txt")
     if os.environ.get("FXLRA_ACCEPT"):
         os.makedirs(os.path.dirname(expected), exist_ok=True)
         with open(expected, "w") as f:
             f.write(prog.code)
     with open(expected) as f:
-        assert prog.code == f.read(), f"generated source changed; rerun with FXLRA_ACCEPT=1"
+        assert prog.code == f.read(), "generated source changed; rerun with FXLRA_ACCEPT=1"
     x = torch.randn(*shape, dtype=torch.float64)
     assert_same_updates(prog, x, torch.tensor([0, 1]))
 
