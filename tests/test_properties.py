@@ -343,6 +343,15 @@ def check_equals_reference(prog, x, y, updates):
     assert set(expected) == set(updates)
     for name, u in updates.items():
         torch.testing.assert_close(u, expected[name], rtol=1e-9, atol=ATOL, msg=name)
+    # and prog.step leaves the re-projected reference updates in .grad
+    clip = prog.options["clip"]
+    for p in prog.parameters():
+        p.grad = None
+    prog.step(x, y)
+    for name, p in prog.named_parameters():
+        norm = expected[name].norm().item()
+        scale = min(1.0, clip / norm) if norm > 0 else 1.0
+        torch.testing.assert_close(p.grad, expected[name] * scale, rtol=1e-9, atol=ATOL, msg=name)
 
 
 # -- properties -----------------------------------------------------------------------------------
