@@ -167,9 +167,8 @@ class Generator:
                     terms.append(f"syn.apply({module}, err_{p}, {i}.shape)")
                     uses += [f"err_{p}"]
             self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i])
-            pre = f"{site.h} - {o['beta']!r} * disp_{i}"
-            target = self.call(self.nodes[i], {site.h: f"({pre})"}) \
-                if site.kind == "activation" else f"{pre}"
+            pre = f"torch.sub({site.h}, disp_{i}, alpha={o['beta']!r})"      # h - beta d
+            target = self.call(self.nodes[i], {site.h: pre}) if site.kind == "activation" else pre
             self.src.add(f"target_{i} = {target}", [f"target_{i}"], [site.h, f"disp_{i}"])
             alpha = rules.at_depth(o["alpha"], depth[i])
             kappa = rules.at_depth(o["kappa"], depth[i])
@@ -340,8 +339,8 @@ class Generator:
             elif site.kind != "activation":                   # phi = identity: phi' = 1
                 c, uses = f"err_{i}", [f"err_{i}"]
             else:
-                pre = f"{site.h} - {self.o['beta']!r} * disp_{i}"
-                c = f"err_{i} * {self._phi_prime(site, '(' + pre + ')')}"
+                pre = f"torch.sub({site.h}, disp_{i}, alpha={self.o['beta']!r})"
+                c = f"err_{i} * {self._phi_prime(site, pre)}"
                 uses = [f"err_{i}", site.h, f"disp_{i}"]
             module = self.glob(self.synapses[edge.key], f"syn_{edge.key}")
             target = f"synapse_grads_{edge.key}"

@@ -90,9 +90,31 @@ def embedding_grads(m, idx, c):
     return {"weight": grad}
 
 
+def perturbative_grads(m, x, c):
+    """fxlra.nn.PerturbativeConv2d: dw[o, k] = sum over batch and space of e_o * relu(x + n)_k
+    (the paper's pseudo-convolution rule), db = sum(e)."""
+    u = m.perturbed(x)
+    grads = {"weight": torch.einsum("bohw,bkhw->ok", c, u)[:, :, None, None]}
+    if m.bias is not None:
+        grads["bias"] = c.sum((0, 2, 3))
+    return grads
+
+
+def locally_connected_grads(m, x, c):
+    """fxlra.nn.LocallyConnected2d: dW[l] = sum over the batch of e[:, :, l]^T cols[:, :, l]
+    at every output position l, db = sum(e) over the batch."""
+    cols = m.columns(x)
+    grads = {"weight": torch.einsum("bol,bkl->lok", c.reshape(c.shape[0], c.shape[1], -1),
+                                    cols)}
+    if m.bias is not None:
+        grads["bias"] = c.sum(0)
+    return grads
+
+
 MODULE_GRADS = {"linear": linear_grads, "conv": conv_grads, "batchnorm": batchnorm_grads,
                 "layernorm": layernorm_grads, "groupnorm": groupnorm_grads,
-                "embedding": embedding_grads}
+                "embedding": embedding_grads, "perturbative": perturbative_grads,
+                "locally-connected": locally_connected_grads}
 
 
 # -- carrying an error back through a shape-changing op: carry(node_call, x, c) -> c_x ----------

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import stochastic_depth, StochasticDepth
 
+from .nn import LocallyConnected2d, PerturbativeConv2d
+
 # --- activations: module class / function / method name -> derivative (None: autograd's) ---------
 _ACTIVATION_MODULES = {cls: None for cls in (
     nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -113,6 +115,7 @@ _RULE_MODULES = {
     nn.modules.batchnorm._BatchNorm: "batchnorm", nn.LayerNorm: "layernorm",
     nn.GroupNorm: "groupnorm", nn.modules.instancenorm._InstanceNorm: "instancenorm",
     nn.RMSNorm: "rmsnorm", nn.Embedding: "embedding",
+    PerturbativeConv2d: "perturbative", LocallyConnected2d: "locally-connected",
 }
 _RULE_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
 _CHANNEL_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding,
