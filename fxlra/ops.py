@@ -182,3 +182,9 @@ def input_feature_counts(module):
             return {getattr(module, name)}
     shape = getattr(module, "normalized_shape", None)
     return {shape[-1]} if shape else set()
+
+
+def rule_module_types():
+    """Module classes with an fxlra rule that are not torch.nn's own (fxlra.nn layers): the
+    tracer keeps them as leaves so that their rule applies."""
+    return [cls for cls in _RULE_MODULES if not cls.__module__.startswith("torch.")]

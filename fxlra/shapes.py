@@ -45,6 +45,11 @@ def _probe_candidates(gm, modules):
                         for s in _PROBE_SIZES]
             if isinstance(m, nn.Linear):
                 return [torch.zeros(2, m.in_features, **like)]
+            size = getattr(m, "input_size", None)
+            if size is not None and isinstance(getattr(m, "in_channels", None), int):
+                weight = next(m.parameters())
+                return [torch.zeros((2, m.in_channels) + tuple(size), dtype=weight.dtype,
+                                    device=weight.device)]
             if isinstance(m, nn.Embedding):
                 return [torch.zeros(2, 16, dtype=torch.long)]
         frontier.extend(node.users)

@@ -12,7 +12,8 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .ops import registered_activation_functions, registered_activation_modules
+from .ops import (registered_activation_functions, registered_activation_modules,
+                  rule_module_types)
 
 # (substring of the fx/torch message, kind of problem, the fix that applies first)
 _PROBLEMS = (
@@ -45,7 +46,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules=()):
         super().__init__(autowrap_functions=tuple(registered_activation_functions()))
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
-        self._leaf_types += tuple(registered_activation_modules())
+        self._leaf_types += tuple(registered_activation_modules()) + tuple(rule_module_types())
         self._leaf_names = {n for n in leaf_modules if isinstance(n, str)}
 
     def is_leaf_module(self, m, qualname):
