@@ -89,12 +89,12 @@ def run(args):
         y = torch.randint(0, 10, (x.shape[0],))
         prog = fxlra.compile(model, wiring=wiring)
         rows = {}
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=args.foreach)
         rows["backprop"] = median_ms(backprop_step(model, opt, x, y), args.repeats)
         if args.compile:
             compiled = torch.compile(model)
             rows["backprop_compiled"] = median_ms(backprop_step(compiled, opt, x, y), args.repeats)
-        popt = torch.optim.AdamW(prog.parameters(), lr=1e-4)
+        popt = torch.optim.AdamW(prog.parameters(), lr=1e-4, foreach=args.foreach)
         rows["fxlra"] = median_ms(fxlra_step(prog, popt, x, y), args.repeats)
         rows["reference"] = median_ms(fxlra_step(prog, popt, x, y, True), max(3, args.repeats // 4))
         if args.profile:
@@ -112,6 +112,8 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time torch.compile backprop")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="print where the time goes")
+    parser.add_argument("--foreach", action="store_true",
+                        help="multi-tensor AdamW for both (torch's default on CUDA, not on CPU)")
     parser.add_argument("--out", default="benchmarks/results/step_cpu.json")
     args = parser.parse_args()
     if args.threads:
@@ -121,7 +123,7 @@ def main():
                             text=True).stdout.strip()
     meta = {"hardware": platform.processor() or platform.machine(), "threads":
             torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
-            "commit": commit, "repeats": args.repeats}
+            "commit": commit, "repeats": args.repeats, "adamw_foreach": args.foreach}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)

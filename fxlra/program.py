@@ -124,10 +124,7 @@ class Program(nn.Module):
             params = [self._by_name[n] for n in self._update_names]
             rules.reproject_all(updates, self.options["clip"])
             rules.accumulate_grads(params, updates)
-        squares = torch._foreach_pow(torch._foreach_norm(list(errors.values())), 2)
-        torch._foreach_div_(squares, float(x.shape[0]))
-        discrepancies = dict(zip(errors, squares))
-        return StepResult(loss, discrepancies)
+        return StepResult(loss, rules.discrepancies(errors, x.shape[0]))
 
 
 def _build_edges(plan_sites, graph, overrides, std):

@@ -128,18 +128,30 @@ def reproject(update, clip):
 
 
 def reproject_all(updates, clip):
-    """Re-project every update in place with multi-tensor ops: one norm pass, one scale pass."""
+    """Re-project every update in place with multi-tensor ops: one norm pass, one scale pass
+    (the scales themselves are computed on one small vector)."""
     if clip is None or not updates:
         return updates
-    scales = torch._foreach_reciprocal(torch._foreach_norm(updates))   # 1/0 = inf -> scale 1
-    torch._foreach_mul_(scales, float(clip))
-    torch._foreach_clamp_max_(scales, 1.0)
-    torch._foreach_mul_(updates, scales)
+    norms = torch.stack(torch._foreach_norm(updates))
+    scales = torch.where(norms > 0, clip / norms, torch.ones_like(norms)).clamp_(max=1.0)
+    torch._foreach_mul_(updates, list(scales.to(updates[0].dtype).unbind()))
     return updates
 
 
 def accumulate_grads(params, updates):
-    """Write updates into ``.grad`` (adding to a gradient that is already there)."""
+    """Write updates into ``.grad``, adding (one multi-tensor pass) where a gradient is there."""
+    grads, additions = [], []
     for p, u in zip(params, updates):
-        u = u.to(p.dtype)
-        p.grad = u if p.grad is None else p.grad.add_(u)
+        if p.grad is None:
+            p.grad = u if u.dtype == p.dtype else u.to(p.dtype)
+        else:
+            grads.append(p.grad)
+            additions.append(u.to(p.grad.dtype))
+    if grads:
+        torch._foreach_add_(grads, additions)
+
+
+def discrepancies(errors, batch):
+    """Per-site ||e_i||^2 averaged over the batch, from one multi-tensor norm pass."""
+    norms = torch.stack(torch._foreach_norm(list(errors.values())))
+    return dict(zip(errors, (norms * norms / batch).unbind()))
