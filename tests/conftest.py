@@ -10,6 +10,16 @@ from torch import nn
 from torch.nn import functional as F
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny models: intra-op threads only add overhead, and on a shared CPU they
+    can slow each op by 10-100x, so such a file runs single-threaded (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -11,14 +11,7 @@ from fxlra.nn import LEAF_MODULES, PerturbativeConv2d
 from test_codegen import assert_same_updates
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead, and on a shared CPU they can
-    slow each op by 10-100x, so this file runs single-threaded (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # name -> (builder of a small version, input shape, compile options per wiring)
 SMALL = {

@@ -16,14 +16,7 @@ from fxlra.nn import LEAF_MODULES, LocallyConnected2d, PerturbativeConv2d, pertu
 from test_codegen import assert_same_updates
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead, and on a shared CPU they can
-    slow each op by 10-100x, so this file runs single-threaded (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- PerturbativeConv2d: forward ------------------------------------------------------------------
