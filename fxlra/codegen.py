@@ -63,6 +63,8 @@ class Generator:
         self.fallbacks = []              # op names that use torch.func on one op
         self._shared = {}                # edge key -> (shared projection part, synapse kind)
         self.update_names = []           # (parameter name, expression, variable) in order
+        self._alias = {}                 # cotangent variable -> the error it merely renames
+        self._linear_grads = {}          # (input, output error) -> grads of a Linear op
 
     # -- names and expressions --------------------------------------------------------------------
     def glob(self, obj, hint):
@@ -247,6 +249,8 @@ class Generator:
         else:
             self.src.add(f"cot_{name} = {expr}", [f"cot_{name}"], uses)
             defined.add(name)
+            if expr.isidentifier():                      # a plain alias of another error value
+                self._alias[f"cot_{name}"] = self._alias.get(expr, expr)
 
     def _carry(self, node, c, region, defined):
         inputs = [a for a in node.all_input_nodes if a.name in region]
@@ -306,6 +310,8 @@ class Generator:
             x = node.args[0].name
             self.src.add(f"{target} = local.{fn.__name__}({module}, {x}, {c})", [target], [c, x])
             keys = [n[len(node.target) + 1:] for n in names]
+            if fn is local.linear_grads:
+                self._linear_grads[(x, self._alias.get(c, c))] = target
         elif node.op == "call_module":
             self.fallbacks.append(node.name)
             module = self.glob(self.modules[node.target], "m_" + node.target)
@@ -345,8 +351,15 @@ class Generator:
             module = self.glob(self.synapses[edge.key], f"syn_{edge.key}")
             target = f"synapse_grads_{edge.key}"
             self.src.comment(f"error synapse {edge.parent} -> {i} ({self.o['error_rule']})")
-            self.src.add(f"{target} = syn.weight_grads({module}, err_{edge.parent}, {c})",
-                         [target], uses + [f"err_{edge.parent}"])
+            shared = self._linear_grads.get((i, f"err_{edge.parent}"))
+            if which == "z" and edge.synapse == "dense" and shared is not None:
+                # z_i^T e_j is the transpose of the weight update of the Linear that reads z_i
+                # and whose output error is e_j: reuse it instead of a second matmul
+                self.src.add(f"{target} = [{shared}['weight'].t().contiguous()]", [target],
+                             [shared])
+            else:
+                self.src.add(f"{target} = syn.weight_grads({module}, err_{edge.parent}, {c})",
+                             [target], uses + [f"err_{edge.parent}"])
             for k, (pname, _) in enumerate(self.synapses[edge.key].named_parameters()):
                 self.update_names.append((f"synapses.{edge.key}.{pname}", f"{target}[{k}]",
                                           target))
