@@ -1,9 +1,11 @@
 """Step time on the CPU: the generated rec-LRA program, the reference interpreter and plain
 backprop (eager, and under torch.compile where it works), for the paper's 5x256 MLP (batch 32)
 and ResNet-18 at 32x32 (batch 32). Prints medians and ratios to backprop from one run and writes
-JSON (``--out``). Usage: python benchmarks/step_cpu.py [--repeats 20] [--compile] [--out FILE]
+JSON (``--out``). Usage: python benchmarks/step_cpu.py [--repeats 20] [--compile] [--alternate]
+[--profile] [--out FILE]
 """
 import argparse
+import copy
 import json
 import os
 import platform
@@ -49,6 +51,20 @@ def median_ms(fn, repeats, warmup=3):
     return statistics.median(times)
 
 
+def alternating_ms(first, second, repeats, warmup=20):
+    """Medians of two steps timed alternately (so both see the same machine load)."""
+    for _ in range(warmup):
+        first()
+        second()
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, out in ((first, a), (second, b)):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(a), statistics.median(b)
+
+
 def backprop_step(model, opt, x, y):
     def step():
         loss = F.cross_entropy(model(x), y)
@@ -85,6 +101,8 @@ def run(args):
     torch.manual_seed(0)
     results = {}
     for name, (build, wiring) in MODELS.items():
+        if args.only and not any(part in name for part in args.only):
+            continue
         model, x = build()
         y = torch.randint(0, 10, (x.shape[0],))
         prog = fxlra.compile(model, wiring=wiring)
@@ -95,7 +113,13 @@ def run(args):
             compiled = torch.compile(model)
             rows["backprop_compiled"] = median_ms(backprop_step(compiled, opt, x, y), args.repeats)
         popt = torch.optim.AdamW(prog.parameters(), lr=1e-4, foreach=args.foreach)
-        rows["fxlra"] = median_ms(fxlra_step(prog, popt, x, y), args.repeats)
+        if args.alternate:
+            twin = copy.deepcopy(model)
+            topt = torch.optim.AdamW(twin.parameters(), lr=1e-4, foreach=args.foreach)
+            rows["backprop"], rows["fxlra"] = alternating_ms(
+                backprop_step(twin, topt, x, y), fxlra_step(prog, popt, x, y), args.repeats)
+        else:
+            rows["fxlra"] = median_ms(fxlra_step(prog, popt, x, y), args.repeats)
         rows["reference"] = median_ms(fxlra_step(prog, popt, x, y, True), max(3, args.repeats // 4))
         if args.profile:
             profile(fxlra_step(prog, popt, x, y), name)
@@ -112,6 +136,9 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time torch.compile backprop")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="print where the time goes")
+    parser.add_argument("--only", nargs="*", help="run the models whose name contains one of these")
+    parser.add_argument("--alternate", action="store_true",
+                        help="time backprop and fxlra alternately (same load for both)")
     parser.add_argument("--foreach", action="store_true",
                         help="multi-tensor AdamW for both (torch's default on CUDA, not on CPU)")
     parser.add_argument("--out", default="benchmarks/results/step_cpu.json")
@@ -123,7 +150,8 @@ def main():
                             text=True).stdout.strip()
     meta = {"hardware": platform.processor() or platform.machine(), "threads":
             torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32",
-            "commit": commit, "repeats": args.repeats, "adamw_foreach": args.foreach}
+            "commit": commit, "repeats": args.repeats, "adamw_foreach": args.foreach,
+            "alternate": args.alternate}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
