@@ -119,14 +119,6 @@ def inner_error(z, y, alpha, kappa):
     return diff if kappa == 1.0 else kappa * diff
 
 
-def reproject(update, clip):
-    """The Gaussian-ball re-projection: D * min(1, c / ||D||_F)."""
-    if clip is None:
-        return update
-    norm = torch.linalg.vector_norm(update)
-    return update * torch.clamp(clip / norm, max=1.0) if norm > 0 else update
-
-
 def reproject_all(updates, clip):
     """Re-project every update in place with multi-tensor ops: one norm pass, one scale pass
     (the scales themselves are computed on one small vector)."""
