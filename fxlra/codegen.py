@@ -64,6 +64,7 @@ class Generator:
         self._shared = {}                # edge key -> (shared projection part, synapse kind)
         self.update_names = []           # (parameter name, expression, variable) in order
         self._alias = {}                 # cotangent variable -> the error it merely renames
+        self._opcalls = {}               # node name -> its OpCall
         self._linear_grads = {}          # (input, output error) -> grads of a Linear op
 
     # -- names and expressions --------------------------------------------------------------------
@@ -120,7 +121,10 @@ class Generator:
         raise AssertionError(node.op)
 
     def opcall(self, node):
-        return self.glob(local.OpCall(node, self.modules), f"op_{node.name}")
+        """The global name of one OpCall per node (made once, reused by every statement)."""
+        if node.name not in self._opcalls:
+            self._opcalls[node.name] = local.OpCall(node, self.modules)
+        return self.glob(self._opcalls[node.name], f"op_{node.name}")
 
     # -- stages -----------------------------------------------------------------------------------
     def forward(self):
@@ -278,9 +282,9 @@ class Generator:
                     self._cot(t.name, f"local.cat_part({c}, {dim}, {listed}, {k})", defined,
                               [c] + [u.name for u in tensors])
             return
-        call = local.OpCall(node, self.modules)
+        self.opcall(node)
         rule = local.lookup(local.CARRY_MODULES, local.CARRY_FUNCTIONS, local.CARRY_METHODS,
-                            call)
+                            self._opcalls[node.name])
         x = node.args[0]
         if rule is not None and len(inputs) == 1 and inputs[0] is x:
             fn = self.glob(rule, f"carry{rule.__name__}")
