@@ -1,13 +1,13 @@
 """fxlra: train PyTorch models without backpropagation, by recursive local representation
 alignment (rec-LRA), compiled from torch.fx traces."""
 from . import wiring
-from .errors import (FxlraError, InputError, OptionError, PlanError, TraceError,
-                     UnsupportedError, WiringError)
+from .errors import (CheckpointError, FxlraError, InputError, NumericalError, OptionError,
+                     PlanError, TraceError, UnsupportedError, WiringError)
 from .ops import register_activation
 from .plan import Plan
 from .program import Program, StepResult, compile
 
 __all__ = ["compile", "Program", "StepResult", "Plan", "wiring", "register_activation",
-           "FxlraError", "InputError", "OptionError", "PlanError", "TraceError",
+           "CheckpointError", "FxlraError", "InputError", "NumericalError", "OptionError", "PlanError", "TraceError",
            "UnsupportedError", "WiringError"]
 __version__ = "0.1.0"

@@ -32,3 +32,16 @@ class OptionError(FxlraError, ValueError):
 
 class InputError(FxlraError, ValueError):
     """A batch handed to ``step``/``updates`` is not usable (wrong shape, dtype, range or values)."""
+
+
+class NumericalError(FxlraError, FloatingPointError):
+    """A step produced a non-finite loss, error or update; nothing was changed."""
+
+
+class CheckpointError(FxlraError, ValueError):
+    """A checkpoint cannot be written or loaded (unsafe contents, another model or wiring)."""
+
+
+class DataError(FxlraError, FileNotFoundError):
+    """A data set is missing or unreadable at the given path (fxlra never downloads data); the
+    message names the path and lists the files expected there."""

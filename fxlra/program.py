@@ -7,16 +7,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import analysis, codegen, passes, reference, rules, synapses as syn, trace, wiring as wiring_mod
-from .errors import WiringError
+from . import (analysis, codegen, health, passes, reference, rules, synapses as syn, trace,
+               wiring as wiring_mod)
+from .errors import InputError, WiringError
 from .plan import Edge, Plan
 
 
 @dataclass
 class StepResult:
-    """What ``prog.step`` returns: the loss and the per-site discrepancies ||e_i||^2."""
+    """What ``prog.step`` returns: the loss, the per-site discrepancies ||e_i||^2, and whether
+    the step was skipped (a non-finite value under ``nonfinite="skip"``: nothing was written)."""
     loss: torch.Tensor
     discrepancies: dict
+    skipped: bool = False
 
 
 class Program(nn.Module):
@@ -34,6 +37,17 @@ class Program(nn.Module):
         self._generated, self._code, self._update_names, self.fallbacks = codegen.build(
             graph_module, plan, synapse_modules, options)
         object.__setattr__(self, "_by_name", dict(self.named_parameters()))
+        inputs = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+        self._input_meta = inputs[0].meta.get("tensor_meta") if inputs else None
+        self.steps = 0              # completed steps (skipped ones included)
+        self.skips = 0              # consecutive skipped steps
+
+    def get_extra_state(self):
+        """The step counters, so that a checkpoint holds them with the weights."""
+        return {"steps": self.steps, "skips": self.skips}
+
+    def set_extra_state(self, state):
+        self.steps, self.skips = int(state["steps"]), int(state["skips"])
 
     # -- what users read --------------------------------------------------------------------------
     @property
@@ -89,6 +103,11 @@ class Program(nn.Module):
         return self._code
 
     def _check_input(self, x, y):
+        like = next(self.model.parameters(), None)
+        for what, t in (("inputs", x), ("labels", y)):
+            if like is not None and isinstance(t, torch.Tensor) and t.device != like.device:
+                raise InputError(f"{what} are on {t.device} but the model is on {like.device}; "
+                                 f"move them with .to({str(like.device)!r})")
         out = self.plan.site(self.plan.outputs[0]).layout
         rules.check_batch(x, y, out, self.options["loss"])
 
@@ -107,24 +126,57 @@ class Program(nn.Module):
         return {n: updates[n] for n, _ in self.named_parameters() if n in updates}
 
     def _run(self, x, y):
+        """Run the update program; on failure, restore the buffers the forward wrote and turn
+        a failure caused by the batch's shape or dtype into an InputError."""
         self._check_input(x, y)
-        with torch.no_grad():
-            return self._generated(x, y)
+        snapshot = health.BufferSnapshot(health.mutable_buffers(self.model))
+        try:
+            with torch.no_grad():
+                loss, errors, updates = self._generated(x, y)
+        except RuntimeError as exc:
+            snapshot.restore()
+            mismatch = health.input_mismatch(self._input_meta, x, exc)
+            if mismatch is not None:
+                raise mismatch from exc
+            raise
+        return loss, errors, updates, snapshot
 
     def updates(self, x, y):
         """The raw rec-LRA updates (before re-projection), keyed by ``named_parameters()``."""
-        _, _, updates = self._run(x, y)
+        _, _, updates, _ = self._run(x, y)
         found = dict(zip(self._update_names, updates))
         return {n: found[n] for n, _ in self.named_parameters() if n in found}
 
     def step(self, x, y):
-        """Forward, targets, errors, local updates; re-projected and added into ``.grad``."""
-        loss, errors, updates = self._run(x, y)
+        """Forward, targets, errors, local updates; re-projected and added into ``.grad``.
+
+        Nothing changes (parameters, ``.grad``, buffers) if the loss, an error or an update is
+        not finite: the step raises ``NumericalError`` or, with ``nonfinite="skip"``, returns a
+        result with ``skipped=True``."""
+        loss, errors, updates, snapshot = self._run(x, y)
+        policy = health.NONFINITE[self.options["nonfinite"]]
         with torch.no_grad():
+            error_norms = torch.stack(torch._foreach_norm(list(errors.values())))
+            update_norms = torch.stack(torch._foreach_norm(updates)) if updates else None
+            if policy and not health.all_finite(loss, error_norms, update_norms):
+                snapshot.restore()
+                site, what = health.first_bad_site(self.plan, loss, errors, error_norms,
+                                                   self._update_names, updates, update_norms)
+                if policy == "skip" and self.skips < self.options["max_skips"]:
+                    self.skips += 1
+                    self.steps += 1
+                    return StepResult(loss, self._discrepancies(errors, error_norms, x), True)
+                raise health.nonfinite_error(self.steps + 1, site, what, self.skips)
             params = [self._by_name[n] for n in self._update_names]
-            rules.reproject_all(updates, self.options["clip"])
+            rules.reproject_all(updates, self.options["clip"], update_norms)
             rules.accumulate_grads(params, updates)
-        return StepResult(loss, rules.discrepancies(errors, x.shape[0]))
+        self.steps += 1
+        self.skips = 0
+        return StepResult(loss, self._discrepancies(errors, error_norms, x))
+
+    @staticmethod
+    def _discrepancies(errors, norms, x):
+        return dict(zip(errors, (norms * norms / x.shape[0]).unbind()))
 
 
 def _build_edges(plan_sites, graph, overrides, std):
@@ -151,13 +203,14 @@ def _build_edges(plan_sites, graph, overrides, std):
 def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1, gamma=1.0,
             alpha=1.0, kappa=1.0, error_rule="hebbian-z", local_rule="hebbian", clip=1.0,
             error_init_std=0.05, synapses=None, leaf_modules=(), concrete_args=None,
-            example_inputs=None):
+            example_inputs=None, nonfinite="raise", max_skips=10):
     """Trace ``model``, find its error sites, wire them, and return a :class:`Program`.
 
     See the README for every option and the paper's value of each in each experiment.
     """
     rules.check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
                         error_init_std)
+    health.check_options(nonfinite, max_skips)
     gm = passes.make_out_of_place(trace.trace(model, leaf_modules, concrete_args))
     sites, params, site_graph = analysis.analyse(gm, model, rules.OUTPUT_PHI[loss],
                                                      example_inputs)
@@ -166,7 +219,8 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     plan = Plan(sites=sites, outputs=site_graph.outputs, params=params, edges=edges,
                 wiring=name, blocks=site_graph.blocks).verify()
     options = dict(loss=loss, beta=beta, gamma=gamma, alpha=alpha, kappa=kappa,
-                   error_rule=error_rule, local_rule=local_rule, clip=clip)
+                   error_rule=error_rule, local_rule=local_rule, clip=clip,
+                   nonfinite=nonfinite, max_skips=max_skips)
     like = next(model.parameters(), torch.empty(0))
     prog = Program(model, gm, plan, graph, modules, options)
     prog.synapses.to(device=like.device, dtype=like.dtype)

@@ -119,12 +119,13 @@ def inner_error(z, y, alpha, kappa):
     return diff if kappa == 1.0 else kappa * diff
 
 
-def reproject_all(updates, clip):
-    """Re-project every update in place with multi-tensor ops: one norm pass, one scale pass
-    (the scales themselves are computed on one small vector)."""
+def reproject_all(updates, clip, norms=None):
+    """Re-project every update in place with multi-tensor ops: one norm pass (skipped when the
+    stacked ``norms`` are given), one scale pass (the scales are computed on one small vector)."""
     if clip is None or not updates:
         return updates
-    norms = torch.stack(torch._foreach_norm(updates))
+    if norms is None:
+        norms = torch.stack(torch._foreach_norm(updates))
     scales = torch.where(norms > 0, clip / norms, torch.ones_like(norms)).clamp_(max=1.0)
     torch._foreach_mul_(updates, list(scales.to(updates[0].dtype).unbind()))
     return updates
@@ -141,9 +142,3 @@ def accumulate_grads(params, updates):
             additions.append(u.to(p.grad.dtype))
     if grads:
         torch._foreach_add_(grads, additions)
-
-
-def discrepancies(errors, batch):
-    """Per-site ||e_i||^2 averaged over the batch, from one multi-tensor norm pass."""
-    norms = torch.stack(torch._foreach_norm(list(errors.values())))
-    return dict(zip(errors, (norms * norms / batch).unbind()))

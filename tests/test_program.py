@@ -76,7 +76,8 @@ def test_state_dict_holds_the_model_and_every_synapse():
             synapse_keys.add(key)
     assert {k for k in sd if k.startswith("synapses.")} == synapse_keys
     assert len(synapse_keys) == len(prog.plan.edges)
-    assert set(sd) == model_keys | synapse_keys
+    assert set(sd) == model_keys | synapse_keys | {"_extra_state"}     # the step counters
+    assert sd["_extra_state"] == {"steps": 0, "skips": 0}
 
 
 def test_load_state_dict_round_trips_into_a_second_program():
@@ -188,7 +189,8 @@ def test_float64_model_gives_float64_updates():
 
 # -- bad input changes nothing ----------------------------------------------------------------------
 def _snapshot(prog):
-    return {k: v.clone() for k, v in prog.state_dict().items()}, grads(prog)
+    return {k: v.clone() if torch.is_tensor(v) else dict(v)
+            for k, v in prog.state_dict().items()}, grads(prog)
 
 
 def _assert_unchanged(prog, snap, buffers=False):
@@ -196,7 +198,9 @@ def _assert_unchanged(prog, snap, buffers=False):
     state, before = snap
     params = {k for k, _ in prog.named_parameters()}
     for k, v in prog.state_dict().items():
-        if buffers or k in params:
+        if not torch.is_tensor(v):
+            assert v == state[k], f"{k} changed on a rejected step"
+        elif buffers or k in params:
             assert torch.equal(v, state[k]), f"{k} changed on a rejected step"
     for n, g in grads(prog).items():
         assert (g is None and before[n] is None) or torch.equal(g, before[n]), n
@@ -256,9 +260,16 @@ def test_labels_that_are_not_a_tensor_are_an_input_error():
         prog.step(X_MLP(), [0, 1, 2, 3, 0, 1])
 
 
-@pytest.mark.skip(reason="labels on another device need a second device (no GPU here)")
-def test_labels_on_another_device():
-    pass
+@pytest.mark.parametrize("which", ["inputs", "labels"])
+def test_a_batch_on_another_device_is_an_input_error(which):
+    """The meta device stands in for a second device: the check runs before any value is read."""
+    prog = fxlra.compile(make_cnn())
+    x, y = cnn_batch()
+    x, y = (x.to("meta"), y) if which == "inputs" else (x, y.to("meta"))
+    snap = _snapshot(prog)
+    with pytest.raises(fxlra.InputError, match=f"{which} are on meta but the model is on cpu"):
+        prog.step(x, y)
+    _assert_unchanged(prog, snap, buffers=True)
 
 
 # -- options ----------------------------------------------------------------------------------------
