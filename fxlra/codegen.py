@@ -211,8 +211,20 @@ class Generator:
 
     def updates(self):
         for site in self.plan.sites:
+            start = len(self.update_names)
             self._site_updates(site)
+            self._ready(start)
+        start = len(self.update_names)
         self._synapse_updates()
+        self._ready(start)
+
+    def _ready(self, start):
+        """Hand finished updates to ``reduce`` (a no-op unless data-parallel), so that their
+        communication starts while later updates are still computed."""
+        done = self.update_names[start:]
+        if done:
+            self.src.add(f"reduce.ready([{', '.join(e for _, e, _ in done)}])", [],
+                         [t for _, _, t in done])
 
     def _phi_prime(self, site, value):
         name = site.activation
@@ -385,6 +397,7 @@ class Generator:
         self.src.add(f"batch = {outputs[0]}.shape[0]", ["batch"], [outputs[0]])
         self.src.add("updates = [" + ", ".join(e for _, e, _ in self.update_names) + "]",
                      ["updates"], [t for _, _, t in self.update_names])
+        self.src.add("reduce.wait()", [], [])
         self.src.add("torch._foreach_mul_(updates, [s / batch for s in SCALES])", [],
                      ["updates", "batch"])
         self.env["SCALES"] = [scale[n] for n, _, _ in self.update_names]
@@ -392,7 +405,8 @@ class Generator:
         self.src.add(f"return loss_{outputs[0]}, {{{errors}}}, updates", [],
                      [f"loss_{outputs[0]}", "updates"] + [f"err_{s.name}" for s in self.plan.sites])
         inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder" and not n.args]
-        header = [f"def rec_lra_updates({', '.join(inputs)}, labels):",
+        self.env["NO_REDUCE"] = NO_REDUCE
+        header = [f"def rec_lra_updates({', '.join(inputs)}, labels, reduce=NO_REDUCE):",
                   f'    """rec-LRA updates for {type(self.gm).__name__}: {len(self.plan.sites)} '
                   f'sites, {len(self.plan.edges)} error synapse(s), wiring {self.plan.wiring}."""']
         body = self.src.render(keep=set())
@@ -420,6 +434,19 @@ class _Fetch:
 def _jvp_derivative(call, h):
     """phi'(h) for an elementwise activation without a listed derivative (forward-mode)."""
     return torch.func.jvp(call, (h,), (torch.ones_like(h),))[1]
+
+
+class NoReduce:
+    """The ``reduce`` of a single process: updates stay as they are."""
+
+    def ready(self, tensors):
+        pass
+
+    def wait(self):
+        pass
+
+
+NO_REDUCE = NoReduce()
 
 
 def build(gm, plan, synapse_modules, options):

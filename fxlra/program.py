@@ -41,6 +41,7 @@ class Program(nn.Module):
         self._input_meta = inputs[0].meta.get("tensor_meta") if inputs else None
         self.steps = 0              # completed steps (skipped ones included)
         self.skips = 0              # consecutive skipped steps
+        self.reducer = None         # averages updates across processes (fxlra.distributed)
 
     def get_extra_state(self):
         """The step counters, so that a checkpoint holds them with the weights."""
@@ -125,14 +126,14 @@ class Program(nn.Module):
             updates.update({f"synapses.{key}.{n}": u for n, u in per_param.items()})
         return {n: updates[n] for n, _ in self.named_parameters() if n in updates}
 
-    def _run(self, x, y):
+    def _run(self, x, y, reduce=None):
         """Run the update program; on failure, restore the buffers the forward wrote and turn
         a failure caused by the batch's shape or dtype into an InputError."""
         self._check_input(x, y)
         snapshot = health.BufferSnapshot(health.mutable_buffers(self.model))
         try:
             with torch.no_grad():
-                loss, errors, updates = self._generated(x, y)
+                loss, errors, updates = self._generated(x, y, reduce or codegen.NO_REDUCE)
         except RuntimeError as exc:
             snapshot.restore()
             mismatch = health.input_mismatch(self._input_meta, x, exc)
@@ -153,7 +154,7 @@ class Program(nn.Module):
         Nothing changes (parameters, ``.grad``, buffers) if the loss, an error or an update is
         not finite: the step raises ``NumericalError`` or, with ``nonfinite="skip"``, returns a
         result with ``skipped=True``."""
-        loss, errors, updates, snapshot = self._run(x, y)
+        loss, errors, updates, snapshot = self._run(x, y, self.reducer)
         policy = health.NONFINITE[self.options["nonfinite"]]
         with torch.no_grad():
             error_norms = torch.stack(torch._foreach_norm(list(errors.values())))
