@@ -66,6 +66,7 @@ class Generator:
         self._alias = {}                 # cotangent variable -> the error it merely renames
         self._opcalls = {}               # node name -> its OpCall
         self._linear_grads = {}          # (input, output error) -> grads of a Linear op
+        self.stages = {}                 # stage -> its statements' (defs, uses), in order
 
     # -- names and expressions --------------------------------------------------------------------
     def glob(self, obj, hint):
@@ -386,9 +387,10 @@ class Generator:
         for r in self.plan.params:
             self._param_ops.setdefault(self.nodes[r.op], []).append(r.param)
         self.env["fetch"] = _Fetch(self.gm)
-        self.forward()
-        self.errors()
-        self.updates()
+        for stage in (self.forward, self.errors, self.updates):
+            start = len(self.src.rows)
+            stage()
+            self.stages[stage.__name__] = [(d, u) for _, d, u in self.src.rows[start:]]
         sign, _ = rules.ERROR_RULES[self.o["error_rule"]]
         scale = {n: (sign * self.o["gamma"] if n.startswith("synapses.") else 1.0)
                  for n, _, _ in self.update_names}
@@ -451,7 +453,8 @@ NO_REDUCE = NoReduce()
 
 def build(gm, plan, synapse_modules, options):
     """Generate, register and compile the update function. Returns the function, its source,
-    the names of the updates it returns (in order) and the ops that fall back to torch.func."""
+    the names of the updates it returns (in order), the ops that fall back to torch.func, and
+    the (defs, uses) of each stage's statements (for ``fxlra.paths``)."""
     gen = Generator(gm, plan, synapse_modules, options)
     source, names = gen.generate()
     digest = int(hashlib.sha1(source.encode()).hexdigest()[:8], 16)
@@ -464,4 +467,4 @@ def build(gm, plan, synapse_modules, options):
             f.write(source)
     namespace = dict(gen.env)
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 (our own generated source)
-    return namespace["rec_lra_updates"], source, names, tuple(gen.fallbacks)
+    return namespace["rec_lra_updates"], source, names, tuple(gen.fallbacks), gen.stages

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import (analysis, codegen, health, passes, reference, rules, synapses as syn, trace,
+from . import (analysis, codegen, health, passes, paths, reference, rules, synapses as syn, trace,
                wiring as wiring_mod)
 from .errors import InputError, WiringError
 from .plan import Edge, Plan
@@ -34,8 +34,8 @@ class Program(nn.Module):
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "_wiring", graph)
         self.options = dict(options)
-        self._generated, self._code, self._update_names, self.fallbacks = codegen.build(
-            graph_module, plan, synapse_modules, options)
+        self._generated, self._code, self._update_names, self.fallbacks, self._stages = \
+            codegen.build(graph_module, plan, synapse_modules, options)
         object.__setattr__(self, "_by_name", dict(self.named_parameters()))
         inputs = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         self._input_meta = inputs[0].meta.get("tensor_meta") if inputs else None
@@ -90,6 +90,10 @@ class Program(nn.Module):
         lines.append("No parameter is trained by backpropagation: every update uses only its own "
                      "site's error.")
         return "\n".join(lines)
+
+    def critical_paths(self):
+        """Sequential op counts of this program's step stages and of backprop's (fxlra.paths)."""
+        return paths.critical_paths(self._stages)
 
     def __repr__(self):
         return f"fxlra.Program({type(self.model).__name__})\n{self.plan}"

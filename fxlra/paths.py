@@ -1,0 +1,36 @@
+"""Critical paths: how many operations must run one after another in a step.
+
+A rec-LRA step is a forward, an error stage and an update stage. The error stage is only as deep
+as the error graph (a depth-1 site needs the output error and one synapse projection), and every
+site's updates are independent of the others'; backprop's backward must visit every op of the
+network in reverse, so it is as deep as the forward. Both are counted on the generated program's
+own statements (one statement is one op or one fused helper call): a statement's depth is one
+more than the deepest statement that defined a value it uses, within its stage.
+"""
+
+
+def longest_chain(rows):
+    """The longest chain of dependent statements among ``rows`` [(defs, uses)]: statements
+    that only hand values on (``reduce.ready``, no definitions) are not counted."""
+    depth, best = {}, 0
+    for defs, uses in rows:
+        if not defs:
+            continue
+        d = 1 + max((depth.get(u, 0) for u in uses), default=0)
+        for v in defs:
+            depth[v] = d
+        best = max(best, d)
+    return best
+
+
+def critical_paths(stages):
+    """Sequential op counts of a rec-LRA step and of backprop's step on the same model.
+
+    Backprop's backward mirrors the forward's longest chain (one vector-Jacobian product per op)
+    and then needs the first layer's weight-gradient: forward + 1."""
+    forward = longest_chain(stages["forward"])
+    errors = longest_chain(stages["errors"])
+    updates = longest_chain(stages["updates"])
+    return {"forward": forward, "rec_lra_errors": errors, "rec_lra_updates": updates,
+            "rec_lra_after_forward": errors + updates, "backprop_backward": forward + 1,
+            "rec_lra_step": forward + errors + updates, "backprop_step": 2 * forward + 1}
