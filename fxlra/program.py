@@ -91,6 +91,11 @@ class Program(nn.Module):
                      "site's error.")
         return "\n".join(lines)
 
+    def draw(self, path, **kwargs):
+        """Draw the sites and the error wiring to ``path`` (PNG, SVG, ...); see fxlra.draw."""
+        from .draw import draw
+        return draw(self, path, **kwargs)
+
     def critical_paths(self):
         """Sequential op counts of this program's step stages and of backprop's (fxlra.paths)."""
         return paths.critical_paths(self._stages)
