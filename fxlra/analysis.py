@@ -13,7 +13,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from . import ops, shapes
+from . import ops, passes, shapes
 from .errors import PlanError
 from .plan import Block, Layout, ParamRule, Site
 
@@ -55,6 +55,12 @@ def find_param_ops(gm, modules, model):
     """Map each node that uses trainable parameters to their qualified names."""
     _check_untied(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        frozen = sum(1 for _ in model.parameters())
+        raise PlanError(f"{type(model).__name__} has no trainable parameter "
+                        f"({f'all {frozen} are frozen' if frozen else 'it has none'}); rec-LRA "
+                        "has nothing to update. Unfreeze the parameters to train "
+                        "(requires_grad_(True))")
     op_params, used_by = {}, {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -91,7 +97,9 @@ def _is_tuple_builder(node):
 
 
 def output_nodes(gm):
-    """The tensors the model returns, in order, looking through (named) tuple construction."""
+    """The tensors the model returns, in order, looking through (named) tuple construction.
+    Python values it returns (a constant, a shape) are not outputs; each returned tensor must be
+    one floating-point tensor computed by the model (see ``_check_output``)."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     pending, nodes = [out.args[0]], []
     while pending:
@@ -99,13 +107,49 @@ def output_nodes(gm):
         for a in flat:
             if isinstance(a, fx.Node) and _is_tuple_builder(a):
                 pending.append((a.args, a.kwargs))
-            elif isinstance(a, fx.Node):
+            elif isinstance(a, fx.Node) and shapes.tensor_valued(a):
                 nodes.append(a)
     if not nodes:
         raise PlanError("the model returns no tensor; rec-LRA needs logits or predictions")
     if len(set(nodes)) != len(nodes):
         raise PlanError("the model returns the same tensor twice; return it once")
+    for node in nodes:
+        _check_output(node)
+    primary = shapes.shape_of(nodes[0])[1:]
+    for node in nodes[1:]:
+        if shapes.shape_of(node)[1:] != primary:
+            raise PlanError(f"the model returns {nodes[0].name} of shape (B, "
+                            f"{', '.join(map(str, primary))}) and {node.name} of shape "
+                            f"(B, {', '.join(map(str, shapes.shape_of(node)[1:]))}); every "
+                            "output gets its error against the same labels, so every output "
+                            f"must be shaped like the first. Fix: give {node.name} the same "
+                            "shape, or return only the outputs to train")
     return nodes
+
+
+# an output node that cannot hold error neurons: (test, what it is, how to fix it)
+_BAD_OUTPUTS = (
+    (lambda n: n.op == "placeholder", "the model's input itself",
+     "return only tensors the model computes"),
+    (lambda n: n.op == "get_attr", "a parameter or buffer of the model, returned as is",
+     "return only tensors computed from the input"),
+    (lambda n: shapes.shape_of(n) is None, "a tuple or list of tensors made by one op",
+     "unpack it (a, b = ...) and return the tensors"),
+    (lambda n: not shapes.tensor_meta(n).dtype.is_floating_point, "not a floating-point tensor",
+     "return the logits (integer or boolean tensors such as argmax carry no error)"),
+    (lambda n: len(shapes.shape_of(n)) < 2, "a tensor without a feature axis",
+     "return (B, C, ...) (for example with keepdim=True or unsqueeze(1))"),
+)
+
+
+def _check_output(node):
+    for bad, what, fix in _BAD_OUTPUTS:
+        if bad(node):
+            meta = shapes.tensor_meta(node)
+            seen = f" ({meta.dtype}, shape {tuple(meta.shape)})" if meta is not None else ""
+            raise PlanError(f"the model returns {node.name}{seen}, which is {what}; rec-LRA "
+                            f"needs every returned tensor to be floating-point values (B, C, ...) "
+                            f"computed by the model. Fix: {fix}")
 
 
 def _sweep(nodes, modules, op_params, identity, outputs, from_input):
@@ -141,8 +185,23 @@ def _violations(nodes, modules, op_params, pending, from_input):
                                 f"{node.name} before reaching the input's path; rec-LRA needs one "
                                 "owner site per parameter. Freeze them, or compute them inside a "
                                 "leaf module (leaf_modules=[...])")
-            extra |= _nearest_tensor(node, pending)
+            found = _nearest_tensor(node, pending)
+            if not found:
+                raise _fan_out_error(node, pending)
+            extra |= found
     return extra
+
+
+def _fan_out_error(node, pending):
+    """A tuple-valued op (an LSTM's (output, (h, c)), split, chunk) whose parts are used
+    separately, with no tensor before it where an identity site could collect their errors."""
+    names = sorted(n.name for n in pending[node])
+    users = ", ".join(u.name for u in node.users)
+    return PlanError(f"the tensors of {node.name} (the outputs of {', '.join(names)}) are used "
+                     f"separately by {users}; rec-LRA needs one owner site per parameter, so one "
+                     f"op's outputs cannot reach several sites. Fix: use one of its outputs, or "
+                     f"combine them in a leaf module (leaf_modules=[...]) that returns one "
+                     f"tensor")
 
 
 def _nearest_tensor(node, pending):
@@ -208,12 +267,15 @@ def _channel_dim(node, shape, region, modules, op_params):
         if len(matches) == 1:
             return matches[0]
     for op in reversed(region):
-        if op in op_params:
-            features = ops.feature_counts(op, modules, modules[""])
-            matches = [d for d in (1, -1) if shape[d] in features]
-            if len(matches) == 1:
-                return matches[0]
-            return -1 if ops.channel_last(op, modules) else 1
+        if op not in op_params:
+            continue
+        features = ops.feature_counts(op, modules, modules[""])
+        if not features and not ops.is_weight_op(op, modules):
+            continue          # an elementwise op that does not tell (PReLU's one slope, a scale)
+        matches = [d for d in (1, -1) if shape[d] in features]
+        if len(matches) == 1:
+            return matches[0]
+        return -1 if ops.channel_last(op, modules) else 1
     return -1 if len(shape) == 3 else 1
 
 
@@ -307,6 +369,8 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None):
     gm.graph.eliminate_dead_code()
     gm.recompile()
     shapes.propagate_shapes(gm, example_inputs)
+    passes.unpack_tuple_arguments(passes.fields_to_indices(gm))
+    output_nodes(gm)                      # what the model returns is checked first
     op_params = find_param_ops(gm, modules, model)
     nodes = list(gm.graph.nodes)
     site_nodes, outputs, pending = find_sites(gm, modules, op_params)

@@ -5,9 +5,14 @@ the shape-changing ops an error is carried through, and the derivatives of activ
 Each table maps an op kind to a plain function. An op kind missing from a table falls back to
 ``torch.func`` on that single op (``local_vjp``); ``prog.explain()`` and ``prog.code`` name it.
 """
+import re
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
+
+from . import ops
+from .errors import UnsupportedError
 
 aten = torch.ops.aten
 
@@ -220,9 +225,17 @@ def _sign_prime(call, h):
     return torch.zeros_like(h)
 
 
+def _recorded_prime(call, h):
+    """phi'(h) of an activation function by forward mode on the op alone, at its recorded
+    constant arguments (F.elu(h, alpha=3.0) differentiates elu with alpha 3, not 1)."""
+    return torch.func.jvp(call.apply_to, (h,), (torch.ones_like(h),))[1]
+
+
 DERIVATIVES = {"relu": _relu_prime, "ReLU": _relu_prime, "tanh": _tanh_prime,
                "Tanh": _tanh_prime, "sigmoid": _sigmoid_prime, "Sigmoid": _sigmoid_prime,
                "sign": _sign_prime, "leaky_relu": _leaky, "LeakyReLU": _leaky}
+DERIVATIVES.update({name: _recorded_prime for name in ops.builtin_activation_function_names()
+                    if name not in DERIVATIVES})
 
 
 class OpCall:
@@ -238,6 +251,20 @@ class OpCall:
         if name in self.kwargs:
             return self.kwargs[name]
         return self.args[position] if len(self.args) > position else default
+
+    def apply_to(self, h):
+        """The op with ``h`` in place of its first input and its other recorded arguments,
+        which must be constants (an activation's phi(h): F.elu(h, alpha=3.0))."""
+        if self.module is not None:
+            return self.module(h)
+        rest = torch.utils._pytree.tree_leaves((self.args[1:], self.kwargs))
+        tensors = [a.name for a in rest if isinstance(a, fx.Node)]
+        if tensors:
+            raise UnsupportedError(f"{self.name} ({self.target}) reads other tensors "
+                                   f"({', '.join(tensors)}) besides its input; fxlra cannot "
+                                   "apply it as an activation. Register it with "
+                                   "fxlra.register_activation(fn, derivative)")
+        return self(h, *self.args[1:], **self.kwargs)
 
     def __call__(self, *args, **kwargs):
         if self.module is not None:
@@ -262,18 +289,59 @@ def lookup(table_modules, table_functions, table_methods, call):
 
 
 def _cotangent_like(out, cot):
-    """A cotangent for ``out``; tuple-valued ops carry theirs as {index: tensor}."""
-    if not isinstance(cot, dict):
-        return cot
-    return tuple(cot[k] if k in cot else torch.zeros_like(o) for k, o in enumerate(out))
+    """A cotangent for ``out``; tuple-valued ops carry theirs as {index: cotangent}, nested as
+    deep as the tuples are (an LSTM's ``(output, (h, c))``); an unreached part gets zeros."""
+    if isinstance(out, (tuple, list)):
+        cot = cot if isinstance(cot, dict) else {}
+        return tuple(_cotangent_like(o, cot[k]) if k in cot else _zeros_like(o)
+                     for k, o in enumerate(out))
+    return cot
+
+
+def _zeros_like(out):
+    if isinstance(out, (tuple, list)):
+        return tuple(_zeros_like(o) for o in out)
+    return torch.zeros_like(out)
 
 
 def _tensors_only(out):
-    """An op's output for torch.func: a None in a tuple (attention without weights) becomes a
-    constant that no cotangent reaches."""
+    """An op's output for torch.func, nested tuples included: a None in a tuple (attention
+    without weights) or an integer tensor (the indices of torch.sort) becomes a constant that
+    no cotangent reaches."""
     if isinstance(out, (tuple, list)):
-        return tuple(o if isinstance(o, torch.Tensor) else torch.zeros(()) for o in out)
-    return out
+        return tuple(_tensors_only(o) for o in out)
+    differentiable = isinstance(out, torch.Tensor) and (out.is_floating_point() or
+                                                        out.is_complex())
+    return out if differentiable else torch.zeros(())
+
+
+def _under_func(name, run):
+    """Run one op inside a torch.func transform. It already ran in the forward on the same
+    inputs, so a RuntimeError here is torch.func's: the op reads tensor storage (numpy,
+    ``data_ptr``), which torch.func's wrapped tensors do not have."""
+    try:
+        return run()
+    except RuntimeError as exc:
+        raise UnsupportedError(
+            f"{name} has no rule of its own, and torch.func cannot differentiate it (torch.func "
+            f"said: {exc}); it probably leaves torch (numpy, data_ptr). Fix: write it with torch "
+            "ops, or move it off the path between a parametrised op and its site") from exc
+
+
+_NOT_DIFFERENTIABLE = re.compile(r"derivative for \S+ is not implemented")
+
+
+def _pull(name, pullback, cot):
+    """Apply a torch.func pullback; an op without a derivative (floor division) is named."""
+    try:
+        return pullback(cot)
+    except RuntimeError as exc:
+        if not _NOT_DIFFERENTIABLE.search(str(exc)):
+            raise
+        raise UnsupportedError(
+            f"{name} is not differentiable (torch said: {exc}), so no error can be carried back "
+            "through it. Fix: apply an activation before it (its input becomes a site and no "
+            "error crosses it), or write it with differentiable ops") from exc
 
 
 def local_vjp(fn, args, kwargs, cot, wrt):
@@ -286,9 +354,10 @@ def local_vjp(fn, args, kwargs, cot, wrt):
         for k, v in zip(wrt, chosen):
             full[k] = v
         a, kw = torch.utils._pytree.tree_unflatten(full, spec)
-        return _tensors_only(fn(*a, **kw))
+        return _under_func(name, lambda: _tensors_only(fn(*a, **kw)))
+    name = f"op {getattr(fn, 'name', fn)}"
     out, pullback = torch.func.vjp(partial, *[leaves[k] for k in wrt])
-    return list(pullback(_cotangent_like(out, cot)))
+    return list(_pull(name, pullback, _cotangent_like(out, cot)))
 
 
 def module_param_vjp(module, args, kwargs, cot):
@@ -298,8 +367,9 @@ def module_param_vjp(module, args, kwargs, cot):
     buffers = {n: b.clone() for n, b in module.named_buffers()}
 
     def call(p):
-        return _tensors_only(torch.func.functional_call(module, {**p, **buffers}, tuple(args),
-                                                        kwargs))
+        return _under_func(name, lambda: _tensors_only(
+            torch.func.functional_call(module, {**p, **buffers}, tuple(args), kwargs)))
+    name = f"module {type(module).__name__}"
     out, pullback = torch.func.vjp(call, params)
-    (grads,) = pullback(_cotangent_like(out, cot))
+    (grads,) = _pull(name, pullback, _cotangent_like(out, cot))
     return grads

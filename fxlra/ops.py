@@ -13,10 +13,12 @@ from torchvision.ops import stochastic_depth, StochasticDepth
 from .nn import LocallyConnected2d, PerturbativeConv2d
 
 # --- activations: module class / function / method name -> derivative (None: autograd's) ---------
+# A parametrised activation (nn.PReLU's slope) is an op of its own site: the slope's update is
+# the op's weight-gradient with the site's error at its output (by local VJP), like any op's.
 _ACTIVATION_MODULES = {cls: None for cls in (
     nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Softplus,
-    nn.Tanhshrink, nn.LogSigmoid)}
+    nn.Tanhshrink, nn.LogSigmoid, nn.PReLU)}
 _ACTIVATION_FUNCTIONS = {fn: None for fn in (
     F.relu, torch.relu, F.relu6, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.elu, F.celu,
     F.selu, torch.selu, F.gelu, F.silu, F.mish, F.leaky_relu, F.hardtanh, F.hardswish,
@@ -41,6 +43,12 @@ def register_activation(activation, derivative=None):
 
 def registered_activation_modules():
     return [cls for cls in _ACTIVATION_MODULES if not cls.__module__.startswith("torch.")]
+
+
+def builtin_activation_function_names():
+    """The names of torch's activation functions (``F.elu`` -> "elu")."""
+    return sorted({fn.__name__ for fn in _ACTIVATION_FUNCTIONS
+                   if (getattr(fn, "__module__", None) or "torch").split(".")[0] == "torch"})
 
 
 def registered_activation_functions():
@@ -110,7 +118,7 @@ def pass_through_signs(node, modules):
 # A weight op (linear, conv, attention, ...) needs a site in front of it when its input still
 # carries an unresolved error; an elementwise parametrised op (norm affine, bias, scale) does not.
 _RULE_MODULES = {
-    nn.Linear: "linear", nn.Bilinear: "local-vjp",
+    nn.Linear: "linear", nn.Bilinear: "local-vjp", nn.PReLU: "local-vjp",
     nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
     nn.modules.batchnorm._BatchNorm: "batchnorm", nn.LayerNorm: "layernorm",
     nn.GroupNorm: "groupnorm", nn.modules.instancenorm._InstanceNorm: "instancenorm",

@@ -95,19 +95,26 @@ def propagate_shapes(gm, example_inputs=None):
             for n, b in gm.named_buffers():
                 b.copy_(saved[n])
     detail = "; ".join(errors[-2:]) or "its first layer does not tell the input's channel count"
-    raise PlanError(
-        f"fxlra cannot infer the tensor shapes of {gm.__class__.__name__} ({detail}). "
-        "Pass one example batch: fxlra.compile(model, example_inputs=x)")
+    fix = "Check that example_inputs is a batch the model accepts" if example_inputs is not None \
+        else "Pass one example batch: fxlra.compile(model, example_inputs=x)"
+    raise PlanError(f"fxlra cannot infer the tensor shapes of {gm.__class__.__name__} "
+                    f"({detail}). {fix}")
+
+
+def tensor_meta(node):
+    """The node's TensorMetadata (shape, dtype, ...) if it computes one tensor, else None."""
+    meta = node.meta.get("tensor_meta")
+    return meta if isinstance(meta, TensorMetadata) else None
 
 
 def shape_of(node):
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+    meta = tensor_meta(node)
+    return tuple(meta.shape) if meta is not None else None
 
 
 def tensor_valued(node):
-    """Whether a node computes tensors (not shapes, ints or other Python values)."""
+    """Whether a node computes tensors, alone or in (nested) tuples, not shapes, ints or other
+    Python values."""
     meta = node.meta.get("tensor_meta")
-    if isinstance(meta, TensorMetadata):
-        return True
-    return isinstance(meta, (tuple, list)) and any(isinstance(m, TensorMetadata) for m in meta)
+    leaves = torch.utils._pytree.tree_leaves(meta, is_leaf=lambda m: isinstance(m, TensorMetadata))
+    return any(isinstance(m, TensorMetadata) for m in leaves)

@@ -10,8 +10,9 @@ import traceback
 
 import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import PHBase
 
-from .errors import TraceError
+from .errors import TraceError, UnsupportedError
 from .ops import (registered_activation_functions, registered_activation_modules,
                   rule_module_types)
 
@@ -76,13 +77,13 @@ def _explain(exc):
 def trace(model, leaf_modules=(), concrete_args=None):
     """Symbolically trace ``model`` into a GraphModule whose submodules are the model's own."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fxlra.compile expects an nn.Module, got {type(model).__name__}")
+        raise TraceError(f"fxlra.compile expects an nn.Module, got {type(model).__name__}")
     leaf_modules = tuple(leaf_modules or ())
     bad = [x for x in leaf_modules if not (isinstance(x, str) or
                                              (isinstance(x, type) and issubclass(x, nn.Module)))]
     if bad:
-        raise TypeError(f"leaf_modules= takes nn.Module classes or qualified module names; "
-                        f"got {bad!r}")
+        raise TraceError(f"leaf_modules= takes nn.Module classes or qualified module names; "
+                         f"got {bad!r}")
     tracer = _Tracer(leaf_modules)
     tracer.record_stack_traces = True
     try:
@@ -96,14 +97,46 @@ def trace(model, leaf_modules=(), concrete_args=None):
             f"fxlra could not trace {type(model).__name__}: {kind} at {where}. "
             f"Fix: {fix}. (torch.fx said: {type(exc).__name__}: {exc})") from None
     _bind_concrete_args(model, graph, concrete_args or {})
+    _check_inputs(model, graph)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _check_inputs(model, graph):
+    """The program's signature is forward's: it needs at least one input, and no ``*args`` or
+    ``**kwargs`` (the program would bind a batch to the tuple or dict itself)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    variadic = [n.target for n in placeholders if n.target.startswith("*")]
+    required = [n.target for n in placeholders if not n.args and not n.target.startswith("*")]
+    if required and not variadic:
+        return
+    problem = f"takes variable arguments ({', '.join(variadic)})" if variadic else \
+        "takes no input"
+    raise UnsupportedError(
+        f"{type(model).__name__}.forward {problem}; fxlra's step(x, y) and prog(x) feed named "
+        f"inputs. Fix: define forward(self, x), fix other arguments with "
+        f"concrete_args={{name: value}}, or wrap the model in a module whose forward(x) calls it")
+
+
+def _is_literal(value):
+    """Whether ``repr(value)`` is Python source for it (a placeholder default must be)."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_literal(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, complex, str))
 
 
 def _bind_concrete_args(model, graph, concrete_args):
     """Make each specialised argument's placeholder default to its concrete value, so that the
-    program is called with the remaining inputs only (fx keeps a guard that checks the value)."""
+    program is called with the remaining inputs only (fx keeps a guard that checks a literal
+    value; a tensor or other object is inlined as a constant and its placeholder left unused,
+    so it defaults to None)."""
     names = list(inspect.signature(model.forward).parameters)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for name, node in zip(names, placeholders):
-        if name in concrete_args:
-            node.args = (concrete_args[name],)
+        if name not in concrete_args or isinstance(concrete_args[name], PHBase):
+            continue
+        value = concrete_args[name]
+        if not _is_literal(value) and node.users:
+            raise TraceError(f"concrete_args[{name!r}] is a {type(value).__name__} that torch.fx "
+                             f"kept as an input of the traced graph; pass a tensor, or a Python "
+                             f"number, string, bool or None (or tuples of them)")
+        node.args = (value if _is_literal(value) else None,)

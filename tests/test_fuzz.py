@@ -1,0 +1,946 @@
+"""Fuzzing fxlra.compile (hypothesis): random models, many of them outside what fxlra knows.
+
+Models are built from a spec (a tuple of layer tuples) that walks through three layouts, vectors
+(B, F), images (B, C, S, S) and token sequences (B, T, F):
+- the layers fxlra has rules for (Linear, Conv2d plain, strided, dilated, depthwise or with
+  reflect padding, BatchNorm, LayerNorm, GroupNorm, activations as modules or functions, with
+  and without arguments, residual adds, pooling, flatten, mean, Embedding for integer inputs);
+- ops it has no rule for (torch.fft, sort, max and its named fields, cumsum, a custom
+  autograd.Function, einsum, matmul between two activations, topk, masked_fill, gather, where,
+  softmax in the middle, cat of chunks, stack of unbind, floor division, a plain Python function
+  called on traced values) and modules it has no rule for (PReLU, Bilinear, LSTM, GRU,
+  MultiheadAttention, TransformerEncoderLayer, ConvTranspose2d, Upsample, PixelShuffle, two
+  Linears multiplied, raw parameters used by functions);
+- untraceable layers (an `if` on a tensor value, `len()` of a tensor, iteration over a tensor,
+  a numpy call on a traced value), with and without ``leaf_modules=[...]``;
+- odd structures: a parameter used twice, an unused or frozen parameter, a buffer, every
+  parameter frozen, eval mode, several outputs (tuple, list, dict, of equal or different
+  shapes), a returned Python value or integer tensor, the input returned, outputs that are not
+  2-D or have no feature axis, in-place ops.
+
+Property: ``fxlra.compile(model, wiring=<random preset>, example_inputs=x)`` either raises an
+``fxlra.FxlraError`` with a non-empty message (a TraceError when the model cannot be traced and
+no leaf module covers it), or it succeeds; then ``prog.step(x, y)`` leaves a finite ``.grad``
+on every trainable parameter (model and synapses), and in float64 ``prog.updates`` equals
+``prog.reference_updates``; an op that torch.func cannot differentiate on an error's path is an
+``fxlra.UnsupportedError`` at the first step. Never an internal exception (KeyError,
+AssertionError, a torch RuntimeError, a TypeError that is not fxlra's). Regression tests for
+what the fuzzer found follow at the end.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import (HealthCheck, currently_in_test_context, event, given, note, settings,
+                        strategies as st)
+from torch import nn
+from torch.nn import functional as F
+
+import fxlra
+from fxlra import shapes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DTYPE = torch.float64
+BATCH = 3
+# (rtol, atol) of generated program against reference, float64: the same local rules, but ops
+# without a rule go through torch.func in one and autograd in the other (other summation order)
+TOLERANCE = (1e-7, 1e-9)
+SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+
+
+# -- ops fxlra has no rule for: shape-preserving functions of the last axis ----------------------
+class Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def python_helper(h):
+    """A plain Python function (not torch, not wrapped): fx traces through it."""
+    return h * 0.5 + math.pi
+
+
+UNKNOWN_OPS = {
+    "fft": lambda h: torch.fft.fft(h).real,
+    "sort": lambda h: torch.sort(h, dim=-1).values,
+    "cumsum": lambda h: torch.cumsum(h, -1),
+    "autograd_function": lambda h: Square.apply(h),
+    "einsum": lambda h: torch.einsum("...i,...i->...i", h, h),
+    "matmul_pair": lambda h: (h.unsqueeze(-1) @ h.unsqueeze(-2)).mean(-1),
+    "topk": lambda h: torch.topk(h, 2, dim=-1).values.sum(-1, keepdim=True) + h,
+    "masked_fill": lambda h: h.masked_fill(h > 0.5, 0.0),
+    "gather": lambda h: torch.gather(h, -1, torch.argsort(h, -1)),
+    "where": lambda h: torch.where(h > 0, h, 0.1 * h),
+    "softmax": lambda h: torch.softmax(h, -1),
+    "normalize": lambda h: F.normalize(h, dim=-1),
+    "center": lambda h: h - h.mean(-1, keepdim=True),
+    "amax": lambda h: h + h.amax(-1, keepdim=True),
+    "abs_pow": lambda h: h.abs() ** 1.5,
+    "flip_roll": lambda h: h.flip(-1).roll(1, -1),
+    "python_helper": python_helper,
+    "max_field": lambda h: h.max(-1, keepdim=True).values * h,
+    "cat_chunks": lambda h: torch.cat(h.chunk(2, -1)[::-1], -1),
+    "stack_unbind": lambda h: torch.stack(h.unbind(-1), -1),
+    "floor_divide": lambda h: h // 0.5,
+    "requires_grad": lambda h: h.requires_grad_(False),
+    "fill": lambda h: torch.empty_like(h).fill_(0.5) + h,
+}
+ACTIVATIONS = {"relu": (nn.ReLU, F.relu), "tanh": (nn.Tanh, torch.tanh),
+               "sigmoid": (nn.Sigmoid, torch.sigmoid), "gelu": (nn.GELU, F.gelu),
+               "sign": (None, torch.sign), "relu_inplace": (lambda: nn.ReLU(inplace=True), F.relu),
+               "softmax": (lambda: nn.Softmax(-1), None), "prelu": (lambda: nn.PReLU(), None),
+               "elu_alpha": (lambda: nn.ELU(2.0), lambda h: F.elu(h, alpha=2.0)),
+               "hardtanh": (lambda: nn.Hardtanh(-0.5, 0.5), lambda h: F.hardtanh(h, -0.5, 0.5)),
+               "softplus": (lambda: nn.Softplus(2.0), lambda h: F.softplus(h, beta=2.0))}
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h):
+        return self.fn(h)
+
+
+def activation(name, form):
+    module, function = ACTIVATIONS[name]
+    if (form == "module" and module is not None) or function is None:
+        return module()
+    return Lambda(function)
+
+
+# -- layers with parameters fxlra may or may not have rules for ----------------------------------
+class Residual(nn.Module):
+    def __init__(self, body, shortcut=None):
+        super().__init__()
+        self.body, self.shortcut = body, shortcut
+
+    def forward(self, h):
+        return self.body(h) + (h if self.shortcut is None else self.shortcut(h))
+
+
+class BilinearSelf(nn.Module):
+    def __init__(self, n, m):
+        super().__init__()
+        self.bilinear = nn.Bilinear(n, n, m)
+
+    def forward(self, h):
+        return self.bilinear(h, h)
+
+
+class RawWeights(nn.Module):
+    """Parameters used by functions: h @ w (features mixed) times a scale (elementwise)."""
+
+    def __init__(self, n, m):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n, m) / n ** 0.5)
+        self.scale = nn.Parameter(torch.ones(m))
+
+    def forward(self, h):
+        return (h @ self.w) * self.scale
+
+
+class Gated(nn.Module):
+    """Two Linears of one input multiplied: a(h) * sigmoid(b(h))."""
+
+    def __init__(self, n, m):
+        super().__init__()
+        self.a, self.b = nn.Linear(n, m), nn.Linear(n, m)
+
+    def forward(self, h):
+        return self.a(h) * torch.sigmoid(self.b(h))
+
+
+CONVS = {"plain": lambda f, c, bn: nn.Conv2d(f, c, 3, padding=1, bias=not bn),
+         "strided": lambda f, c, bn: nn.Conv2d(f, c, 3, stride=2, padding=1, bias=not bn),
+         "dilated": lambda f, c, bn: nn.Conv2d(f, c, 3, padding=2, dilation=2, bias=not bn),
+         "same_reflect": lambda f, c, bn: nn.Conv2d(f, c, 3, padding="same",
+                                                    padding_mode="reflect", bias=not bn),
+         "depthwise": lambda f, c, bn: nn.Conv2d(f, f, 3, padding=1, groups=f, bias=not bn)}
+
+
+class Buffered(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("mask", torch.linspace(0.5, 1.5, n))
+
+    def forward(self, h):
+        return h * self.mask
+
+
+class Recurrent(nn.Module):
+    """nn.LSTM / nn.GRU over tokens: keep the sequence, or (LSTM) take the last hidden state."""
+
+    def __init__(self, kind, n, m, take):
+        super().__init__()
+        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(n, m, batch_first=True)
+        self.kind, self.take = kind, take
+
+    def forward(self, h):
+        out, state = self.rnn(h)
+        if self.take == "sequence":
+            return out
+        return (state[0] if self.kind == "lstm" else state)[-1]
+
+
+class Attention(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.att = nn.MultiheadAttention(n, 2, batch_first=True)
+
+    def forward(self, h):
+        return self.att(h, h, h)[0]
+
+
+class TimeConv(nn.Module):
+    def __init__(self, n, m):
+        super().__init__()
+        self.conv = nn.Conv1d(n, m, 3, padding=1)
+
+    def forward(self, h):
+        return self.conv(h.transpose(1, 2)).transpose(1, 2)
+
+
+# -- untraceable layers (fine in eager mode) -----------------------------------------------------
+class IfOnValue(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+
+    def forward(self, h):
+        if h.sum() > 0:
+            return self.lin(h)
+        return self.lin(-h)
+
+
+class UsesLen(nn.Module):
+    def forward(self, h):
+        return h / len(h)
+
+
+class IteratesRows(nn.Module):
+    def forward(self, h):
+        return torch.stack([row * 2 for row in h])
+
+
+class NumpyCall(nn.Module):
+    def forward(self, h):
+        return h * float(np.mean(np.asarray(h.detach())))
+
+
+UNTRACEABLE = {"if_on_value": IfOnValue, "len": UsesLen, "iterate": IteratesRows,
+               "numpy": NumpyCall}
+
+
+# -- layout transitions --------------------------------------------------------------------------
+TO_VECTOR = {"image": {"flatten": lambda h: h.flatten(1), "gap": lambda h: h.mean((2, 3)),
+                       "amax": lambda h: h.amax((2, 3)),
+                       "adaptive": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())},
+             "tokens": {"flatten": lambda h: h.flatten(1), "mean": lambda h: h.mean(1),
+                        "last": lambda h: h[:, -1]}}
+
+
+def _vector_size(layout, shape, how):
+    return math.prod(shape) if how == "flatten" else shape[-1] if layout == "tokens" else shape[0]
+
+
+# -- building a model from its spec --------------------------------------------------------------
+def _layer(op, layout, shape):
+    """(module, new layout, new shape) of one spec entry, for the current layout and shape
+    (shape without the batch axis)."""
+    kind, args = op[0], op[1:]
+    f = shape[-1] if layout != "image" else shape[0]
+    if kind == "linear":                                  # vectors and tokens: the last axis
+        n, act = args
+        layers = [nn.Linear(f, n)] + ([activation(*act)] if act else [])
+        return nn.Sequential(*layers), layout, shape[:-1] + (n,)
+    if kind == "conv":
+        c, bn, act, variant = args
+        conv, size = CONVS[variant](f, c, bn), shape[1]
+        if variant == "strided":
+            c, size = c, (size + 1) // 2
+        elif variant == "depthwise":
+            c = f
+        layers = [conv] + ([nn.BatchNorm2d(c)] if bn else []) + \
+            ([activation(*act)] if act else [])
+        return nn.Sequential(*layers), layout, (c, size, size)
+    if kind == "gated":
+        return Gated(f, args[0]), layout, shape[:-1] + (args[0],)
+    if kind == "residual":
+        act, project = args
+        if layout == "image":
+            body = nn.Sequential(nn.Conv2d(f, f, 3, padding=1), activation(*act),
+                                 nn.Conv2d(f, f, 3, padding=1))
+            shortcut = nn.Conv2d(f, f, 1) if project else None
+        else:
+            body = nn.Sequential(nn.Linear(f, f), activation(*act), nn.Linear(f, f))
+            shortcut = nn.Linear(f, f) if project else None
+        return Residual(body, shortcut), layout, shape
+    if kind == "norm":
+        norms = {"vector": lambda: nn.BatchNorm1d(f), "tokens": lambda: nn.LayerNorm(f),
+                 "image": lambda: nn.GroupNorm(1, f) if args[0] else nn.BatchNorm2d(f)}
+        return norms[layout](), layout, shape
+    if kind == "act":
+        return activation(*args[0]), layout, shape
+    if kind == "unknown":
+        return Lambda(UNKNOWN_OPS[args[0]]), layout, shape
+    if kind == "dropout":
+        return nn.Dropout(0.25), layout, shape
+    if kind == "pool":
+        pools = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2),
+                 "functional": Lambda(lambda h: F.max_pool2d(h, 2))}
+        return pools[args[0]], layout, (f, shape[1] // 2, shape[2] // 2)
+    if kind == "upsample":
+        return nn.Upsample(scale_factor=2), layout, (f, shape[1] * 2, shape[2] * 2)
+    if kind == "pixel_shuffle":
+        return nn.PixelShuffle(2), layout, (f // 4, shape[1] * 2, shape[2] * 2)
+    if kind == "conv_transpose":
+        return nn.ConvTranspose2d(f, args[0], 2, stride=2), layout, \
+            (args[0], shape[1] * 2, shape[2] * 2)
+    if kind == "bilinear":
+        return BilinearSelf(f, args[0]), layout, (args[0],)
+    if kind == "raw_weights":
+        return RawWeights(f, args[0]), layout, shape[:-1] + (args[0],)
+    if kind == "buffer":
+        return Buffered(f), layout, shape
+    if kind == "recurrent":
+        rnn, m, take = args
+        new = ("tokens", shape[:-1] + (m,)) if take == "sequence" else ("vector", (m,))
+        return Recurrent(rnn, f, m, take), *new
+    if kind == "attention":
+        return Attention(f), layout, shape
+    if kind == "encoder":
+        return nn.TransformerEncoderLayer(f, 2, 2 * f, dropout=0.0, batch_first=True), layout, \
+            shape
+    if kind == "time_conv":
+        return TimeConv(f, args[0]), layout, shape[:-1] + (args[0],)
+    if kind == "untraceable":
+        module = UNTRACEABLE[args[0]]
+        return (module(shape[-1]) if module is IfOnValue else module()), layout, shape
+    if kind == "to_vector":
+        how = args[0]
+        fn = TO_VECTOR[layout][how]
+        return (fn if isinstance(fn, nn.Module) else Lambda(fn)), "vector", \
+            (_vector_size(layout, shape, how),)
+    if kind == "to_tokens":
+        if layout == "image":
+            return Lambda(lambda h: h.flatten(2).transpose(1, 2)), "tokens", \
+                (shape[1] * shape[2], f)
+        return Lambda(lambda h: h.unsqueeze(1)), "tokens", (1, f)
+    raise AssertionError(op)
+
+
+INPUTS = {"vector": (6,), "image": (2, 4, 4), "tokens": (3, 4), "indices": (3,)}
+
+
+class SpecNet(nn.Module):
+    """stem (Embedding for integer inputs) -> layers -> head, from a spec dict (see ``specs``)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+        layout, shape = spec["input"], INPUTS[spec["input"]]
+        self.embedding = None
+        if layout == "indices":
+            self.embedding = nn.Embedding(10, 4)
+            layout, shape = "tokens", shape + (4,)
+        layers = []
+        for op in spec["layers"]:
+            module, layout, shape = _layer(op, layout, shape)
+            layers.append(module)
+        self.layers = nn.Sequential(*layers)
+        self.features = shape[-1] if layout != "image" else shape[0]
+        self.classifier = nn.Linear(self.features, spec["classes"])
+        aux = {"tuple": spec["classes"], "list": spec["classes"], "dict": spec["classes"],
+               "narrow_aux": 1}.get(spec["head"])
+        self.aux = nn.Linear(self.features, aux) if aux else None
+        self.out_layout = layout
+
+    def forward(self, x):
+        h = x if self.embedding is None else self.embedding(x)
+        h = self.layers(h)
+        if self.out_layout == "image":
+            h = h.movedim(1, -1)                         # the classifier reads channels
+        return HEADS[self.spec["head"]](self, h, x)
+
+
+HEADS = {
+    "logits": lambda m, h, x: m.classifier(h),
+    "tuple": lambda m, h, x: (m.classifier(h), m.aux(h)),
+    "list": lambda m, h, x: [m.classifier(h), m.aux(h)],
+    "dict": lambda m, h, x: {"logits": m.classifier(h), "aux": m.aux(h)},
+    "narrow_aux": lambda m, h, x: (m.classifier(h), m.aux(h)),
+    "with_shape": lambda m, h, x: (m.classifier(h), x.shape[0]),
+    "with_argmax": lambda m, h, x: (lambda v: (v, v.argmax(-1)))(m.classifier(h)),
+    "input_too": lambda m, h, x: (m.classifier(h), x),
+    "squeezed": lambda m, h, x: m.classifier(h).sum(-1),
+    "same_twice": lambda m, h, x: (lambda v: (v, v))(m.classifier(h)),
+    "shared_layer": lambda m, h, x: m.classifier(h) + m.classifier(h),
+}
+# structural changes applied after building: name -> function(model)
+MODIFIERS = {
+    "none": lambda m: None,
+    "freeze_one": lambda m: next(iter(m.layers.parameters()), torch.empty(0)).requires_grad_(False),
+    "freeze_all": lambda m: m.requires_grad_(False),
+    "unused": lambda m: m.add_module("unused", nn.Linear(2, 2)),
+    "eval": lambda m: m.eval(),
+}
+
+
+# -- strategies ----------------------------------------------------------------------------------
+widths = st.integers(2, 6)
+acts = st.tuples(st.sampled_from(sorted(ACTIVATIONS)), st.sampled_from(["module", "function"]))
+maybe_act = st.one_of(st.none(), acts)
+
+
+def _layer_choices(layout, shape, untraceable):
+    common = ["linear", "linear", "act", "unknown", "unknown", "residual", "norm", "raw_weights",
+              "buffer", "dropout"] + (["untraceable"] if untraceable else [])
+    common += ["gated"]
+    if layout == "vector":
+        return common + ["bilinear", "to_tokens"]
+    if layout == "tokens":
+        return common + ["recurrent", "attention", "encoder", "time_conv", "to_vector",
+                         "to_vector"]
+    small, channels = shape[1], shape[0]
+    return ["conv", "conv", "residual", "norm", "act", "unknown", "dropout", "to_vector",
+            "to_tokens", "conv_transpose"] + (["untraceable"] if untraceable else []) + \
+        (["pool", "pool"] if small >= 2 else []) + (["upsample"] if small <= 4 else []) + \
+        (["pixel_shuffle"] if channels % 4 == 0 and small <= 4 else [])
+
+
+def _even(n):
+    return n + n % 2
+
+
+@st.composite
+def layer_ops(draw, layout, shape, untraceable):
+    kind = draw(st.sampled_from(_layer_choices(layout, shape, untraceable)))
+    f = shape[-1] if layout != "image" else shape[0]
+    if layout == "image" and kind == "linear":
+        kind = "conv"
+    if kind == "linear":
+        return ("linear", draw(widths), draw(maybe_act))
+    if kind == "conv":
+        return ("conv", draw(widths), draw(st.booleans()), draw(maybe_act),
+                draw(st.sampled_from(sorted(CONVS))))
+    if kind == "residual":
+        return ("residual", draw(acts), draw(st.booleans()))
+    if kind == "norm":
+        return ("norm", draw(st.booleans()))
+    if kind == "act":
+        return ("act", draw(acts))
+    if kind == "unknown":
+        return ("unknown", draw(st.sampled_from(sorted(UNKNOWN_OPS))))
+    if kind == "pool":
+        return ("pool", draw(st.sampled_from(["max", "avg", "functional"])))
+    if kind in ("conv_transpose", "bilinear", "raw_weights", "time_conv", "gated"):
+        return (kind, draw(widths))
+    if kind == "recurrent":
+        rnn = draw(st.sampled_from(["lstm", "gru"]))
+        return ("recurrent", rnn, draw(widths), draw(st.sampled_from(["sequence", "state"])))
+    if kind in ("attention", "encoder") and f % 2:
+        return ("linear", _even(f), None)                # two heads need an even width
+    if kind == "untraceable":
+        return ("untraceable", draw(st.sampled_from(sorted(UNTRACEABLE))))
+    if kind == "to_vector":
+        return ("to_vector", draw(st.sampled_from(sorted(TO_VECTOR[layout]))))
+    return (kind,)
+
+
+def _mostly(choices, usual):
+    """``usual`` half of the time (when it is a choice), else any of ``choices``."""
+    if usual not in choices:
+        return st.sampled_from(choices)
+    return st.one_of(st.just(usual), st.sampled_from(choices))
+
+
+@st.composite
+def specs(draw, untraceable=True, heads=tuple(HEADS), modifiers=tuple(MODIFIERS)):
+    start = draw(st.sampled_from(sorted(INPUTS)))
+    layout, shape = ("tokens", (3, 4)) if start == "indices" else (start, INPUTS[start])
+    layers = []
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(layer_ops(layout, shape, untraceable))
+        _, layout, shape = _layer(op, layout, shape)     # only to follow the shapes
+        layers.append(op)
+    return {"input": start, "layers": tuple(layers), "classes": draw(st.integers(2, 4)),
+            "head": draw(_mostly(heads, "logits")), "modify": draw(_mostly(modifiers, "none")),
+            "seed": draw(st.integers(0, 2 ** 16))}
+
+
+PRESETS = ["direct", "pairwise", "residual", ("residual", 3), ("blocks", 2), ("skip", 2)]
+
+
+def wiring_of(p):
+    if isinstance(p, str):
+        return p, 2
+    if p[0] == "residual":
+        return "residual", p[1]
+    return {"blocks": fxlra.wiring.blocks, "skip": fxlra.wiring.skip}[p[0]](p[1]), 2
+
+
+def build(spec):
+    torch.manual_seed(spec["seed"])
+    model = SpecNet(spec).to(DTYPE)
+    MODIFIERS[spec["modify"]](model)
+    torch.manual_seed(spec["seed"] + 1)
+    if spec["input"] == "indices":
+        x = torch.randint(0, 10, (BATCH,) + INPUTS["indices"])
+    else:
+        x = torch.randn((BATCH,) + INPUTS[spec["input"]], dtype=DTYPE)
+    return model, x
+
+
+# -- the property --------------------------------------------------------------------------------
+def labels_for(prog, x):
+    """Class labels for a (B, classes) output, else float targets shaped like the output."""
+    out = prog.plan.outputs[0]
+    node = next(n for n in prog.graph_module.graph.nodes if n.name == out)
+    shape = (x.shape[0],) + shapes.shape_of(node)[1:]      # the probe may use another batch
+    generator = torch.Generator().manual_seed(1)
+    if len(shape) == 2:
+        return torch.randint(0, shape[1], (shape[0],), generator=generator)
+    return torch.softmax(torch.randn(shape, generator=generator, dtype=DTYPE), -1)
+
+
+def compile_or_reject(model, x, wiring, **kw):
+    """The program, or None when compile raised an fxlra error (checked to have a message).
+    Any other exception propagates and fails the test."""
+    spec, depth = wiring_of(wiring)
+    try:
+        return fxlra.compile(model, wiring=spec, depth=depth, example_inputs=x, **kw)
+    except fxlra.FxlraError as exc:
+        note(f"rejected: {type(exc).__name__}: {exc}")
+        event(f"rejected: {type(exc).__name__}")
+        assert str(exc).strip(), type(exc).__name__
+        return None
+
+
+def check_program(prog, x, deterministic=True):
+    """step leaves a finite .grad on every trainable parameter; updates equal the reference's.
+    An op that torch.func cannot run (a leaf module calling numpy) or that has no derivative
+    (floor division) on an error's path is found at the first step, as an UnsupportedError."""
+    y = labels_for(prog, x)
+    for p in prog.parameters():
+        p.grad = None
+    if currently_in_test_context():
+        event("compiled")
+    try:
+        out = prog.step(x, y)
+    except fxlra.UnsupportedError as exc:
+        if currently_in_test_context():
+            event("stopped at the first step")
+        assert "torch.func cannot differentiate" in str(exc) or \
+            "is not differentiable" in str(exc), exc
+        return
+    assert torch.isfinite(out.loss)
+    trainable = {n for n, p in prog.named_parameters() if p.requires_grad}
+    for name, p in prog.named_parameters():
+        assert (p.grad is not None) == (name in trainable), name
+        assert p.grad is None or (p.grad.shape == p.shape and torch.isfinite(p.grad).all()), name
+    if not deterministic:
+        return
+    updates, expected = prog.updates(x, y), prog.reference_updates(x, y)
+    assert set(updates) == set(expected) == trainable
+    rtol, atol = TOLERANCE
+    for name, u in updates.items():
+        torch.testing.assert_close(u, expected[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _deterministic(spec):
+    """Dropout draws new masks on every forward; the reference recomputes the nested tuples of
+    an LSTM's (h, c) state only one level deep (see the regression test below)."""
+    return not any(op[0] == "dropout" or (op[0] == "recurrent" and op[1] == "lstm" and
+                                          op[3] == "state") for op in spec["layers"])
+
+
+def _untraceable(spec):
+    return [op[1] for op in spec["layers"] if op[0] == "untraceable"]
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(spec=specs(), wiring=st.sampled_from(PRESETS), leaf=st.booleans())
+def test_compile_steps_or_raises_an_fxlra_error(spec, wiring, leaf):
+    model, x = build(spec)
+    untraceable = _untraceable(spec)
+    leaf_modules = [UNTRACEABLE[k] for k in untraceable] if leaf else []
+    spec_wiring, depth = wiring_of(wiring)
+    try:
+        prog = fxlra.compile(model, wiring=spec_wiring, depth=depth, example_inputs=x,
+                             leaf_modules=leaf_modules)
+    except fxlra.FxlraError as exc:
+        note(f"rejected: {type(exc).__name__}: {exc}")
+        event(f"rejected: {type(exc).__name__}")
+        assert str(exc).strip()
+        return
+    assert not untraceable or leaf, "an untraceable model compiled without leaf modules"
+    note(str(prog.plan))
+    check_program(prog, x, _deterministic(spec))
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(spec=specs(untraceable=False, heads=("logits",), modifiers=("none", "eval")),
+       wiring=st.sampled_from(PRESETS),
+       options=st.fixed_dictionaries({
+           "error_rule": st.sampled_from(["hebbian-z", "hebbian-d", "derived"]),
+           "local_rule": st.sampled_from(["hebbian", "dx"]),
+           "loss": st.sampled_from(["cross_entropy", "mse"])}))
+def test_traceable_models_with_plain_heads(spec, wiring, options):
+    """Without untraceable layers or odd heads most models compile: every option combination
+    still steps with finite updates equal to the reference's, or is rejected clearly."""
+    model, x = build(spec)
+    prog = compile_or_reject(model, x, wiring, **options)
+    if prog is not None:
+        note(str(prog.plan))
+        check_program(prog, x, _deterministic(spec))
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(spec=specs(untraceable=False, heads=("logits",), modifiers=("none",)),
+       kind=st.sampled_from(sorted(UNTRACEABLE)))
+def test_untraceable_layers_raise_a_trace_error_naming_the_fixes(spec, kind):
+    """An untraceable layer anywhere makes compile raise fxlra.TraceError naming the line and
+    the fixes; with it as a leaf module the model compiles or is rejected clearly."""
+    spec = dict(spec, layers=spec["layers"] + (("untraceable", kind),))
+    model, x = build(spec)
+    with pytest.raises(fxlra.TraceError) as info:
+        fxlra.compile(model, example_inputs=x)
+    message = str(info.value)
+    assert "test_fuzz.py:" in message and "Fix:" in message, message
+    assert "leaf_modules" in message or "torch.fx.wrap" in message, message
+    prog = compile_or_reject(model, x, "direct", leaf_modules=[UNTRACEABLE[kind]])
+    if prog is not None:
+        check_program(prog, x, _deterministic(spec))
+
+
+# -- regressions found by the fuzzer -------------------------------------------------------------
+def _mlp_around(middle, n=6):
+    return nn.Sequential(nn.Linear(4, n), nn.Tanh(), middle, nn.Linear(n, 3)).to(DTYPE)
+
+
+X = torch.randn(5, 4, dtype=DTYPE)
+Y = torch.tensor([0, 1, 2, 0, 1])
+
+
+def test_lstm_hidden_state_steps_with_finite_updates():
+    """`out, (h, c) = lstm(x); fc(h[-1])`: the cotangent reaches the LSTM through two nested
+    tuples; torch.func's VJP got a one-level cotangent (RuntimeError, pytree mismatch)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), Lambda(lambda h: h.unsqueeze(1)),
+                          Recurrent("lstm", 6, 5, "state"), nn.Linear(5, 3)).to(DTYPE)
+    prog = fxlra.compile(model, wiring="direct")
+    assert any(r.rule == "local-vjp" for r in prog.plan.params if r.param.startswith("3.rnn"))
+    prog.step(X, Y)
+    for name, p in prog.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # the LSTM belongs to the identity site at h[-1] (its next op is a Linear); its update is
+    # torch.func's VJP of the LSTM alone with that site's error e = beta * E e_L at h[-1]
+    site, out = prog.sites[-2:]
+    lstm = model[3].rnn
+    h_in = torch.tanh(model[0](X)).unsqueeze(1)
+    with torch.no_grad():
+        e_out = torch.softmax(model[4](lstm(h_in)[1][0][-1]), 1) - F.one_hot(Y, 3).to(DTYPE)
+        e = 0.1 * e_out @ prog.synapse(out, site).weight.t()
+    params = dict(lstm.named_parameters())
+    _, pullback = torch.func.vjp(
+        lambda p: torch.func.functional_call(lstm, p, (h_in,))[1][0][-1], params)
+    (expected,) = pullback(e)
+    updates = prog.updates(X, Y)
+    for name, g in expected.items():
+        torch.testing.assert_close(updates[f"model.3.rnn.{name}"], g / len(X), rtol=1e-9,
+                                   atol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the reference interpreter's cotangents of tuple-valued ops are one "
+                          "level deep; an LSTM's (h, c) state is two")
+def test_lstm_hidden_state_reference_matches_the_program():
+    model = nn.Sequential(Lambda(lambda h: h.unsqueeze(1)), Recurrent("lstm", 4, 5, "state"),
+                          nn.Linear(5, 3)).to(DTYPE)
+    prog = fxlra.compile(model, wiring="direct", example_inputs=X)
+    updates, expected = prog.updates(X, Y), prog.reference_updates(X, Y)
+    for name, u in updates.items():
+        torch.testing.assert_close(u, expected[name], rtol=1e-9, atol=1e-12)
+
+
+def test_lstm_outputs_used_separately_name_the_op():
+    """`out, (h, c) = lstm(x); fc(out[:, -1] + h[0])`: the LSTM's error would come from two
+    places; the error names the op and its users instead of an unowned parameter."""
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 3)
+
+        def forward(self, x):
+            out, (h, c) = self.lstm(x)
+            return self.fc(out[:, -1] + h[0])
+    with pytest.raises(fxlra.PlanError, match=r"lstm.*used separately.*leaf_modules"):
+        fxlra.compile(Both(), example_inputs=torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.Tanh()),
+    nn.Sequential(nn.Linear(4, 3)).requires_grad_(False),
+], ids=["no-parameters", "all-frozen"])
+def test_no_trainable_parameter_is_a_plan_error(model):
+    """Nothing to update: the generated program failed on an empty update list (RuntimeError
+    from torch._foreach_mul_)."""
+    with pytest.raises(fxlra.PlanError, match="no trainable parameter"):
+        fxlra.compile(model, example_inputs=X.float())
+
+
+class Returns(nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 3), head
+
+    def forward(self, x):
+        return HEADS[self.head](self, x, x)
+
+    def classifier(self, h):
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("head, message", [
+    ("input_too", "the model's input itself"),          # was an AssertionError in Plan.verify
+    ("with_argmax", "not a floating-point tensor"),     # was NotImplementedError in log_softmax
+    ("same_twice", "same tensor twice"),
+])
+def test_outputs_that_cannot_hold_errors_are_plan_errors(head, message):
+    with pytest.raises(fxlra.PlanError, match=message):
+        fxlra.compile(Returns(head).to(DTYPE), example_inputs=X)
+
+
+def test_a_returned_shape_is_not_an_output():
+    """`return logits, x.shape[0]` raised a KeyError: the shape's node became an output site
+    without being a site. A returned Python value is not an output, like a constant."""
+    prog = fxlra.compile(Returns("with_shape").to(DTYPE), example_inputs=X)
+    assert prog.plan.outputs == ("fc",)
+    check_program(prog, X)
+
+
+class ReturnsChunks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x).chunk(2, 1)
+
+
+def test_a_returned_tuple_valued_op_asks_to_unpack_it():
+    """A returned tuple-valued node was taken for one tensor (PlanError about a site of shape
+    None); the message now says what to do."""
+    with pytest.raises(fxlra.PlanError, match="unpack it"):
+        fxlra.compile(ReturnsChunks(), example_inputs=X.float())
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x, z):
+        return self.a(x) + self.b(z)
+
+
+class VarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, *xs):
+        return self.a(xs[0])
+
+
+class NoInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self):
+        return self.a(torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("model, seen", [(VarArgs(), "variable arguments (*xs)"),
+                                          (NoInput(), "takes no input")])
+def test_models_without_one_named_input_are_unsupported(model, seen):
+    """forward(*xs) made the program bind the batch to xs itself (xs[0] was the first row: an
+    output of shape (3,) and a confusing InputError at step)."""
+    with pytest.raises(fxlra.UnsupportedError) as info:
+        fxlra.compile(model, example_inputs=X.float())
+    assert seen in str(info.value) and "concrete_args" in str(info.value)
+
+
+def test_a_second_input_fixed_by_concrete_args_compiles():
+    """A tensor in concrete_args made the traced graph's code invalid (NameError: float32, the
+    tensor's repr used as the placeholder's default)."""
+    prog = fxlra.compile(TwoInputs(), concrete_args={"z": torch.zeros(5, 4)},
+                         example_inputs=X.float())
+    torch.testing.assert_close(prog(X.float()), TwoInputs.forward(prog.model, X.float(),
+                                                                   torch.zeros(5, 4)))
+    prog.step(X.float(), Y)
+    assert prog.model.a.weight.grad is not None
+
+
+@pytest.mark.xfail(strict=True, raises=fxlra.InputError,
+                   reason="step(x, y) takes one input tensor; a model with two inputs compiles "
+                          "(shapes from a tuple of example inputs) but cannot step yet")
+def test_a_model_with_two_inputs_steps():
+    x = (X.float(), X.float())
+    prog = fxlra.compile(TwoInputs(), example_inputs=x)
+    prog.step(x, Y)
+
+
+def test_an_example_batch_the_model_rejects_is_named():
+    model = _mlp_around(nn.Identity())
+    with pytest.raises(fxlra.PlanError, match="example_inputs is a batch the model accepts"):
+        fxlra.compile(model, example_inputs=torch.randn(5, 7, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("local_rule, error_rule", [("hebbian", "hebbian-z"), ("dx", "derived")])
+def test_prelu_is_a_parametrised_activation_site(local_rule, error_rule):
+    """nn.PReLU after a Linear is an activation site (phi = PReLU), not an op that needs
+    identity sites before and after it: the Linear and the slope both belong to it, the slope
+    updated by the PReLU's own weight-gradient with the site's error at its output."""
+    model = _mlp_around(nn.PReLU(6))[0:1].append(nn.PReLU(6)).append(nn.Linear(6, 3)).to(DTYPE)
+    prog = fxlra.compile(model, wiring="pairwise", local_rule=local_rule, error_rule=error_rule)
+    site, out = prog.sites
+    assert prog.plan.site(site).kind == "activation"
+    rules = {r.param: r for r in prog.plan.params}
+    assert rules["0.weight"].site == rules["1.weight"].site == site
+    assert rules["1.weight"].rule == "local-vjp"
+    check_program(prog, X)
+    # the slope's update: the batch mean of sum(e * min(h, 0)) per channel, phi' not involved
+    with torch.no_grad():
+        h = model[0](X)
+        z = model[1](h)
+        e_out = torch.softmax(model[2](z), 1) - F.one_hot(Y, 3).to(DTYPE)
+        d = e_out @ prog.synapse(out, site).weight.t()
+        e = z - model[1](h - 0.1 * d)
+        expected = (e * h.clamp(max=0)).sum(0) / len(X)
+    torch.testing.assert_close(prog.updates(X, Y)["model.1.weight"], expected, rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_functional_prelu_is_an_op_with_its_own_local_vjp():
+    """F.prelu(h, w) reads a second tensor, so it is not applied as phi; the slope is updated
+    by the local VJP of the op with the error of the site after it."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+            self.slope = nn.Parameter(torch.full((6,), 0.25))
+
+        def forward(self, x):
+            return self.b(F.prelu(torch.tanh(self.a(x)), self.slope))
+    prog = fxlra.compile(Net().to(DTYPE), wiring="pairwise", local_rule="dx",
+                         error_rule="derived")
+    assert {r.param: r.rule for r in prog.plan.params}["slope"] == "local-vjp"
+    check_program(prog, X)
+
+
+@pytest.mark.parametrize("act", [lambda h: F.elu(h, alpha=3.0), lambda h: F.hardtanh(h, -0.3, 0.3),
+                                 lambda h: F.softplus(h, beta=2.0),
+                                 lambda h: F.gelu(h, approximate="tanh")],
+                         ids=["elu", "hardtanh", "softplus", "gelu"])
+def test_phi_prime_of_an_activation_function_uses_its_arguments(act):
+    """The generated program differentiated F.elu(h, alpha=3.0) as F.elu(h): phi' (in
+    local_rule="dx" and error_rule="derived") was silently wrong against the reference."""
+    model = _mlp_around(Lambda(act))[0:1].append(Lambda(act)).append(nn.Linear(6, 3)).to(DTYPE)
+    for local_rule, error_rule in (("dx", "hebbian-z"), ("hebbian", "derived")):
+        prog = fxlra.compile(model, wiring="direct", local_rule=local_rule,
+                             error_rule=error_rule)
+        check_program(prog, X)
+
+
+def _between_linears(fn):
+    """Linear -> fn -> Linear: the first Linear's error is carried back through fn."""
+    return nn.Sequential(nn.Linear(4, 6), Lambda(fn), nn.Linear(6, 3)).to(DTYPE)
+
+
+@pytest.mark.parametrize("fn", [lambda h: torch.sort(h, dim=-1).values,
+                                lambda h: h.max(-1, keepdim=True).values * h],
+                         ids=["sort", "max"])
+def test_an_error_is_carried_through_a_named_tuple_field(fn):
+    """`torch.sort(h).values` on the error's path: the VJP of sort was asked for its integer
+    indices too (RuntimeError from torch.func), and `.values` was read by position among
+    flattened leaves."""
+    prog = fxlra.compile(_between_linears(fn), wiring="direct")
+    check_program(prog, X)
+
+
+@pytest.mark.parametrize("fn", [lambda h: torch.cat(h.chunk(2, -1)[::-1], -1),
+                                lambda h: torch.stack(h.unbind(-1), -1)],
+                         ids=["cat-chunks", "stack-unbind"])
+def test_an_op_taking_a_tuple_of_tensors_carries_the_error_to_each(fn):
+    """torch.cat(h.chunk(2)) passes the chunk tuple itself: the program generator failed
+    (TypeError: 'Node' object is not iterable) and the reference called .detach() on a tuple."""
+    prog = fxlra.compile(_between_linears(fn), wiring="pairwise")
+    check_program(prog, X)
+
+
+def test_requires_grad_is_not_an_in_place_op():
+    """h.requires_grad_(False) was rewritten to h.requires_grad(False) ('bool' object is not
+    callable, reported as shapes that cannot be inferred)."""
+    prog = fxlra.compile(_between_linears(lambda h: h.requires_grad_(False)))
+    check_program(prog, X)
+
+
+def test_in_place_op_without_out_of_place_form_names_the_user_line():
+    """h.fill_(0.5) on a recorded value cannot be made out of place: a clear error at the
+    user's line (an in-place op on a view named a line of torch.fx instead)."""
+    for fn, seen in ((lambda h: h.fill_(0.5), "no out-of-place form"),
+                     (lambda h: (h[:, :2].mul_(2), h)[1], "a view of another tensor")):
+        with pytest.raises(fxlra.UnsupportedError) as info:
+            fxlra.compile(_between_linears(fn))
+        assert seen in str(info.value) and "test_fuzz.py" in str(info.value), info.value
+        assert "torch/fx" not in str(info.value), info.value
+
+
+def test_an_op_torch_func_cannot_run_is_named_at_the_first_step():
+    """A leaf module that calls numpy on the error's path failed inside torch.func
+    (RuntimeError: Cannot access data pointer of Tensor that doesn't have storage)."""
+    model = nn.Sequential(nn.Linear(4, 6), NumpyCall(), nn.Linear(6, 3)).to(DTYPE)
+    prog = fxlra.compile(model, leaf_modules=[NumpyCall])
+    with pytest.raises(fxlra.UnsupportedError, match="torch.func cannot differentiate"):
+        prog.step(X, Y)
+
+
+def test_an_op_without_derivative_on_the_error_path_is_named():
+    """h // 0.5 between two Linears: RuntimeError (derivative for aten::floor_divide is not
+    implemented) from inside torch.func."""
+    prog = fxlra.compile(_between_linears(lambda h: h // 0.5))
+    with pytest.raises(fxlra.UnsupportedError, match="floor_divide.*activation before it"):
+        prog.step(X, Y)
+
+
+def test_an_auxiliary_output_narrower_than_the_labels_is_a_plan_error():
+    """Outputs (B, 3) and (B, 2) with class label 2: scatter_ failed at the second output
+    (RuntimeError: index 2 is out of bounds) at the first step."""
+    spec = {"input": "vector", "layers": (), "classes": 3, "head": "narrow_aux", "modify": "none",
+            "seed": 0}
+    with pytest.raises(fxlra.PlanError, match="shaped like the first"):
+        fxlra.compile(build(spec)[0], example_inputs=build(spec)[1])
+
+
+def test_the_feature_axis_is_not_decided_by_an_elementwise_op_that_does_not_tell():
+    """Tokens (B, T, F) with T == F: Linear -> PReLU() (one slope) took the PReLU to decide the
+    feature axis and chose 1 (tokens) instead of the Linear's -1."""
+    model = nn.Sequential(nn.Linear(6, 4), nn.PReLU(), Lambda(lambda h: h.mean(1)),
+                          nn.Linear(4, 3)).to(DTYPE)
+    x = torch.randn(5, 4, 6, dtype=DTYPE)
+    prog = fxlra.compile(model, example_inputs=x)
+    assert prog.plan.site(prog.sites[0]).layout.channel_dim == -1
+    check_program(prog, x)
