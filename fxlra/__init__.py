@@ -2,14 +2,14 @@
 alignment (rec-LRA), compiled from torch.fx traces."""
 from . import wiring
 from .checkpoint import load, save, seed_everything
-from .errors import (CheckpointError, FxlraError, InputError, NumericalError, OptionError,
+from .errors import (CheckpointError, DataError, FxlraError, InputError, NumericalError, OptionError,
                      PlanError, TraceError, UnsupportedError, WiringError)
 from .ops import register_activation
 from .plan import Plan
 from .program import Program, StepResult, compile
 
 __all__ = ["compile", "save", "load", "seed_everything", "Program", "StepResult", "Plan",
-           "wiring", "register_activation", "CheckpointError", "FxlraError", "InputError",
+           "wiring", "register_activation", "CheckpointError", "DataError", "FxlraError", "InputError",
            "NumericalError", "OptionError", "PlanError", "TraceError", "UnsupportedError",
            "WiringError"]
 __version__ = "0.1.0"
