@@ -1,0 +1,546 @@
+"""GPU benchmark of fxlra's Triton kernels and of the training step (DESIGN.md section 3): first
+correctness (every kernel on the GPU equals its plain-torch reference on the CPU, within the
+tolerances of TOLERANCES), then CUDA-event timings (medians after warm-up, L2 flushed before each
+kernel timing) written as JSON with the hardware, versions, dtype, batch sizes and commit:
+
+  pseudo_conv     ResNet-18's four stage shapes (batch 256, bf16, channels_last): the fused
+                  pseudo-convolution against the materialised torch layer and cuDNN's 3x3 conv,
+                  forward and weight update, and the memory floor (read once, write once) at
+                  4.2 TB/s and at the measured copy bandwidth
+  target_error    the fused target/error kernel in GB/s against a torch copy of the same bytes
+  reproject       multi-tensor re-projection of ResNet-18's updates against rules.reproject_all
+  steps           ResNet-18 and pResNet-18 (224x224, batch 256) and the 5x256 MLP (batch 32),
+                  bf16 autocast, channels_last, AdamW: backprop eager, backprop torch.compile and
+                  fxlra's prog.step, with peak memory; each one guarded, errors recorded
+
+Usage:
+    python benchmarks/gpu.py [--out benchmarks/results/gpu.json] [--repeats 30]
+                             [--only pseudo_conv target_error reproject steps] [--budget-s 280]
+    python benchmarks/gpu.py --cpu-smoke     # tiny shapes on the CPU, Triton's interpreter
+
+``--cpu-smoke`` runs every section at tiny shapes (no torch.compile) so the script itself is
+checked on a machine without a GPU; its timings mean nothing. Exit status 1 when a correctness
+check fails.
+"""
+import os
+import sys
+
+SMOKE = "--cpu-smoke" in sys.argv
+if SMOKE:   # before anything imports Triton (torch._dynamo does, and fxlra imports it)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse                                                     # noqa: E402
+import contextlib                                                   # noqa: E402
+import gc                                                           # noqa: E402
+import importlib                                                    # noqa: E402
+import importlib.util                                               # noqa: E402
+import json                                                         # noqa: E402
+import platform                                                     # noqa: E402
+import statistics                                                   # noqa: E402
+import subprocess                                                   # noqa: E402
+import time                                                         # noqa: E402
+import traceback                                                    # noqa: E402
+from pathlib import Path                                            # noqa: E402
+
+import torch                                                        # noqa: E402
+import torch.nn.functional as F                                     # noqa: E402
+from torch import nn                                                # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import fxlra                                                        # noqa: E402
+from fxlra import local, models, rules                              # noqa: E402
+from fxlra.nn import LEAF_MODULES, PerturbativeConv2d               # noqa: E402
+
+NOMINAL_BANDWIDTH = 4.2e12           # bytes/s, H200 HBM3e (DESIGN.md section 3)
+STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]                 # ResNet-18: channels, size
+# relative error max|got - want| / max|want| allowed, by check, with the reason
+TOLERANCES = {
+    "target_error/bfloat16": 1e-2,   # one bf16 rounding of nearly equal float32 values
+    "target_error/float32": 1e-5,    # exp/erf and FMA differ by a few ulp
+    "pseudo_conv/bfloat16": 1e-2,    # same bf16 operands, float32 sums in another order, bf16 out
+    "pseudo_conv/float32": 1e-4,     # IEEE float32 dots, sums in another order
+    "update/bfloat16": 1e-3,         # float32 sums of bf16 products over B*H*W terms
+    "update/float32": 1e-4,
+    "reproject/float32": 1e-5,
+}
+TARGETS = {  # DESIGN.md section 3
+    "pseudo_conv fused_*_over_floor": "<= 1.3",
+    "target_error *_fraction_of_copy": ">= 0.7",
+    "steps resnet18 fxlra_over_backprop_compiled": "<= 0.7",
+}
+COMPILE_S = 75                       # what torch.compile of a ResNet-18 step may take here
+FWD_CONFIGS = [None, dict(BLOCK_O=128, BLOCK_P=64, BLOCK_K=64, num_warps=8, num_stages=3),
+               dict(BLOCK_O=64, BLOCK_P=128, BLOCK_K=64, num_warps=4, num_stages=4)]
+UPD_CONFIGS = [None, dict(BLOCK_O=128, BLOCK_K=128, BLOCK_P=64, num_warps=8, num_stages=3),
+               dict(BLOCK_O=64, BLOCK_K=64, BLOCK_P=64, num_warps=4, num_stages=4)]
+
+
+def kernels():
+    """fxlra.kernels, or in a source checkout the kernels/ folder under that name."""
+    try:
+        return importlib.import_module("fxlra.kernels")
+    except ModuleNotFoundError:
+        spec = importlib.util.spec_from_file_location(
+            "fxlra.kernels", ROOT / "kernels" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "kernels")])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["fxlra.kernels"] = package
+        spec.loader.exec_module(package)
+        fxlra.kernels = package
+        return package
+
+
+K = kernels()
+
+
+# -- timing ---------------------------------------------------------------------------------------
+class Clock:
+    """Medians in ms: CUDA events on the GPU (L2 flushed before each run when ``flush``), the
+    wall clock on the CPU. Stops taking new measurements once the time budget is spent."""
+
+    def __init__(self, device, repeats, warmup, budget_s):
+        self.device, self.repeats, self.warmup = device, repeats, warmup
+        self.deadline = time.monotonic() + budget_s
+        self.scratch = torch.empty(64 << 20 if device.type == "cuda" else 1, dtype=torch.int32,
+                                   device=device)                    # 256 MiB: more than L2
+
+    def left(self):
+        return self.deadline - time.monotonic()
+
+    def ms(self, fn, flush=True, repeats=None, warmup=None):
+        if self.left() <= 0:
+            raise TimeoutError("time budget spent")
+        for _ in range(self.warmup if warmup is None else warmup):
+            fn()
+        repeats = repeats or self.repeats
+        if self.device.type != "cuda":
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+        torch.cuda.synchronize()
+        events = []
+        for _ in range(repeats):
+            if flush:
+                self.scratch.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def guarded(record, key, fn):
+    """record[key] = fn(), or the error (type, message, last lines of the traceback)."""
+    try:
+        record[key] = fn()
+    except Exception as exc:                                         # noqa: BLE001
+        record[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
+                       "traceback": traceback.format_exc().splitlines()[-6:]}
+        print(f"  {key}: {type(exc).__name__}: {str(exc)[:200]}")
+    return record[key]
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def rel_error(got, want):
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+# -- correctness ----------------------------------------------------------------------------------
+def correctness(device, smoke):
+    """Every kernel on ``device`` against its reference on the CPU, same (rounded) inputs."""
+    checks, batch = {}, 2 if smoke else 4
+    dtypes = [torch.float32] if smoke else [torch.bfloat16, torch.float32]
+    stages = [(c // 16, max(s // 8, 3)) for c, s in STAGES] if smoke else STAGES
+    names = ["relu", "tanh", "gelu", "sign"] if smoke else ["relu", "tanh", "gelu", "silu",
+                                                             "sigmoid", "sign", "leaky_relu"]
+    gen = torch.Generator().manual_seed(0)
+
+    def check(key, tol_key, got, want):
+        err = rel_error(got, want)
+        checks[key] = {"rel_error": err, "tolerance": TOLERANCES[tol_key],
+                       "ok": err <= TOLERANCES[tol_key]}
+
+    for dtype in dtypes:
+        tag = str(dtype).replace("torch.", "")
+        for c, s in stages:
+            h, d = (torch.randn(batch, c, s, s, generator=gen).to(dtype) for _ in range(2))
+            for name in names:
+                z = K.ACTIVATIONS[name].torch_fn(h.float()).to(dtype)
+                on = [t.to(device).contiguous(memory_format=torch.channels_last) for t in (h, z, d)]
+                for dkind, dd in (("dense", on[2]), ("channel", on[2][:, :, 0, 0].contiguous())):
+                    y, e, sq = K.target_and_error(*on[:2], dd, name, beta=0.3, alpha=0.8,
+                                                  kappa=1.2)
+                    yr, er, sqr = K.target_and_error_ref(h, z, dd.cpu(), name, beta=0.3,
+                                                         alpha=0.8, kappa=1.2)
+                    key = f"target_error/{tag}/{c}x{s}/{name}/{dkind}"
+                    for part, got, want in (("y", y, yr), ("e", e, er), ("sq", sq, sqr)):
+                        check(f"{key}/{part}", f"target_error/{tag}", got, want)
+            # float32 (IEEE dots, slow to compile) at the first and last stage, one mask
+            if dtype == torch.float32 and not smoke and (c, s) not in (stages[0], stages[-1]):
+                continue
+            for nmasks in (1, 2) if dtype != torch.float32 or smoke else (1,):
+                m = PerturbativeConv2d(c, c, nmasks, seed=c).to(device)
+                x = torch.randn(batch, c, s, s, generator=gen).to(dtype)
+                xd = x.to(device).contiguous(memory_format=torch.channels_last)
+                noise = m.masks(s, s, xd)
+                key = f"pseudo_conv/{tag}/{c}x{s}/nmasks{nmasks}"
+                check(key + "/forward", f"pseudo_conv/{tag}",
+                      K.pseudo_conv_forward(xd, noise, m.weight, nmasks),
+                      K.pseudo_conv_forward_ref(x, noise.cpu(), m.weight.cpu(), nmasks))
+                e = torch.randn(batch, c, s, s, generator=gen).to(dtype)
+                ed = e.to(device).contiguous(memory_format=torch.channels_last)
+                dw, db = K.pseudo_conv_update(xd, noise, ed, nmasks, bias=True, scale=1 / batch)
+                dwr, dbr = K.pseudo_conv_update_ref(x, noise.cpu(), e, nmasks, bias=True,
+                                                    scale=1 / batch)
+                check(key + "/update_weight", f"update/{tag}", dw, dwr)
+                check(key + "/update_bias", f"update/{tag}", db, dbr)
+    updates = [torch.randn(p.shape, generator=gen) * 0.1 for p in
+               models.mlp(2, 16, in_features=8).parameters()] + [torch.zeros(3, 3)]
+    got = [u.to(device) for u in updates]
+    K.reproject_(got, 0.5)
+    want = K.reproject_ref([u.clone() for u in updates], 0.5)
+    fxlra_way = rules.reproject_all([u.clone() for u in updates], 0.5)
+    for k, (g, w, f) in enumerate(zip(got, want, fxlra_way)):
+        check(f"reproject/float32/{k}", "reproject/float32", g, w)
+        check(f"reproject/float32/{k}/vs_rules", "reproject/float32", g, f)
+    ok = all(v["ok"] for v in checks.values())
+    worst = max(checks.items(), key=lambda kv: kv[1]["rel_error"] / kv[1]["tolerance"])
+    print(f"correctness: {len(checks)} checks, {'all within' if ok else 'SOME OUTSIDE'} "
+          f"tolerance; worst {worst[0]} {worst[1]['rel_error']:.2e} (tol "
+          f"{worst[1]['tolerance']:.0e})")
+    return {"ok": ok, "checks": checks}
+
+
+# -- kernels --------------------------------------------------------------------------------------
+def copy_bandwidth(clock, device, nbytes):
+    """Bytes per second of a torch copy that moves ``nbytes`` (reads half, writes half)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return nbytes / (clock.ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def best(record, prefix, clock, run, configs):
+    """Time ``run(config)`` for every config; record each and return the fastest ms."""
+    found = []
+    for k, config in enumerate(configs):
+        value = guarded(record, f"{prefix}_config{k}_ms", lambda: clock.ms(lambda: run(config)))
+        if isinstance(value, float):
+            found.append((value, k))
+    if not found:
+        raise RuntimeError(f"every {prefix} config failed")
+    record[f"{prefix}_best_config"] = configs[min(found)[1]]
+    return min(found)[0]
+
+
+def pseudo_conv_section(clock, device, dtype, batch, smoke, bandwidth):
+    out, nmasks = {}, 1
+    stages = [(c // 16, max(s // 8, 3)) for c, s in STAGES] if smoke else STAGES
+    autocast = torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else \
+        contextlib.nullcontext()
+    for c, s in stages:
+        row = out[f"{c}x{s}x{s}"] = {"batch": batch, "nmasks": nmasks}
+        print(f"pseudo_conv {c}x{s}x{s}")
+        m = PerturbativeConv2d(c, c, nmasks, seed=1).to(device)
+        conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device=device, dtype=dtype,
+                                                             memory_format=torch.channels_last)
+        x = torch.randn(batch, c, s, s, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        e = torch.randn_like(x)
+        noise = m.masks(s, s, x)
+        out_bytes = x.nbytes                           # the output is shaped like x here
+        row["floor_forward_ms"] = (x.nbytes + out_bytes) / NOMINAL_BANDWIDTH * 1e3
+        row["floor_update_ms"] = (x.nbytes + e.nbytes) / NOMINAL_BANDWIDTH * 1e3
+        row["floor_forward_measured_bw_ms"] = (x.nbytes + out_bytes) / bandwidth * 1e3
+        row["floor_update_measured_bw_ms"] = (x.nbytes + e.nbytes) / bandwidth * 1e3
+        configs = [None] if smoke else FWD_CONFIGS
+        guarded(row, "fused_forward_ms", lambda: best(
+            row, "fused_forward", clock,
+            lambda cfg: K.pseudo_conv_forward(x, noise, m.weight, nmasks, config=cfg), configs))
+
+        def materialised_forward():
+            with autocast:
+                return m(x)
+        guarded(row, "materialised_forward_ms", lambda: clock.ms(materialised_forward))
+        guarded(row, "cudnn_3x3_forward_ms", lambda: clock.ms(lambda: conv(x)))
+        configs = [None] if smoke else UPD_CONFIGS
+        guarded(row, "fused_update_ms", lambda: best(
+            row, "fused_update", clock,
+            lambda cfg: K.pseudo_conv_update(x, noise, e, nmasks, scale=1 / batch, config=cfg),
+            configs))
+
+        def materialised_update():                    # fxlra.local's rule (einsum)
+            with autocast:
+                return local.perturbative_grads(m, x, e)
+
+        def materialised_conv_update():               # relu(x + n) then cuDNN's 1x1 dW
+            u = m.perturbed(x)
+            return torch.ops.aten.convolution_backward(
+                e, u, m.weight.to(dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [False, True, False])[1]
+        guarded(row, "materialised_update_einsum_ms", lambda: clock.ms(materialised_update))
+        guarded(row, "materialised_update_conv_ms", lambda: clock.ms(materialised_conv_update))
+        guarded(row, "cudnn_3x3_update_ms", lambda: clock.ms(
+            lambda: torch.ops.aten.convolution_backward(
+                e, x, conv.weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [False, True, False])[1]))
+        for kind in ("forward", "update"):
+            fused = row.get(f"fused_{kind}_ms")
+            if isinstance(fused, float):
+                row[f"fused_{kind}_over_floor"] = fused / row[f"floor_{kind}_ms"]
+                row[f"fused_{kind}_over_floor_measured_bw"] = fused / row[
+                    f"floor_{kind}_measured_bw_ms"]
+                for other in (f"materialised_{kind}_ms", f"cudnn_3x3_{kind}_ms",
+                              f"materialised_{kind}_einsum_ms", f"materialised_{kind}_conv_ms"):
+                    if isinstance(row.get(other), float):
+                        row[f"fused_{kind}_over_{other[:-3]}"] = fused / row[other]
+        print("  " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()
+                               if k.endswith("_ms") and isinstance(v, float)))
+        free()
+    return out
+
+
+def target_error_section(clock, device, dtype, batch, smoke, bandwidth_at):
+    out = {}
+    stages = [(c // 16, max(s // 8, 3)) for c, s in STAGES] if smoke else STAGES
+    for c, s in stages:
+        row = out[f"{c}x{s}x{s}"] = {"batch": batch, "activation": "relu"}
+        h, d = (torch.randn(batch, c, s, s, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last) for _ in range(2))
+        z = torch.relu(h)
+        d_channel = d[:, :, 0, 0].contiguous()
+        size = h.nbytes
+        variants = {"dense_d": (d, True, 5 * size), "dense_d_no_target": (d, False, 4 * size),
+                    "channel_d": (d_channel, True, 4 * size)}
+        for name, (dd, with_target, nbytes) in variants.items():
+            ms = guarded(row, f"{name}_ms", lambda: clock.ms(lambda: K.target_and_error(
+                h, z, dd, "relu", beta=0.1, alpha=0.9, kappa=1.0, with_target=with_target)))
+            if isinstance(ms, float):
+                copy = bandwidth_at(nbytes)
+                row[f"{name}_GBps"] = nbytes / (ms * 1e-3) / 1e9
+                row[f"{name}_copy_GBps"] = copy / 1e9
+                row[f"{name}_fraction_of_copy"] = nbytes / (ms * 1e-3) / copy
+
+        def torch_way():                            # what the generated program does now
+            y = torch.relu(torch.sub(h, d, alpha=0.1))
+            err = rules.inner_error(z, y, 0.9, 1.0)
+            return err, torch._foreach_norm([err])
+        guarded(row, "torch_ms", lambda: clock.ms(torch_way))
+        print(f"target_error {c}x{s}x{s}: " + "  ".join(
+            f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+        free()
+    return out
+
+
+def reproject_section(clock, device, smoke):
+    model = models.mlp(2, 16, in_features=8) if smoke else models.resnet18()
+    shapes = [p.shape for p in model.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    base = [(torch.randn(s, generator=gen) * (0.5 if k % 2 else 0.001)).to(device)
+            for k, s in enumerate(shapes)]
+    work = [t.clone() for t in base]
+    row = {"model": "mlp(2, 16)" if smoke else "resnet18", "tensors": len(base),
+           "elements": sum(t.numel() for t in base), "dtype": "float32", "clip": 1.0}
+
+    def reset():
+        torch._foreach_copy_(work, base)
+    guarded(row, "fused_ms", lambda: clock.ms(lambda: (reset(), K.reproject_(work, 1.0))))
+    guarded(row, "torch_foreach_ms", lambda: clock.ms(
+        lambda: (reset(), rules.reproject_all(work, 1.0))))
+    guarded(row, "copy_only_ms", lambda: clock.ms(reset))
+    guarded(row, "fused_norms_ms", lambda: clock.ms(lambda: K.frobenius_norms(work)))
+    guarded(row, "torch_foreach_norm_ms", lambda: clock.ms(
+        lambda: torch.stack(torch._foreach_norm(work))))
+    print("reproject: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                    if isinstance(v, float)))
+    return row
+
+
+# -- full steps -----------------------------------------------------------------------------------
+def step_cases(smoke):
+    """name -> (model factory, input shape, batch, compile options)."""
+    if smoke:
+        return {"resnet18_cifar_tiny": (lambda: models.resnet18_cifar(), (3, 16, 16), 2,
+                                        dict(wiring="residual")),
+                "mlp5x256": (lambda: models.mlp(), (784,), 4, dict(wiring="pairwise"))}
+    return {"resnet18": (lambda: models.resnet18(), (3, 224, 224), 256, dict(wiring="residual")),
+            "mlp5x256": (lambda: models.mlp(), (784,), 32, dict(wiring="pairwise")),
+            "presnet18": (lambda: models.presnet18(classes=1000, cifar=False), (3, 224, 224), 256,
+                          dict(wiring="residual", leaf_modules=LEAF_MODULES))}
+
+
+def steps_section(clock, device, dtype, smoke, compile_backprop):
+    out = {}
+    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else \
+        contextlib.nullcontext()
+    for name, (build, shape, batch, options) in step_cases(smoke).items():
+        row = out[name] = {"batch": batch, "input": list(shape), "wiring": options["wiring"]}
+        classes = 1000 if shape[-1] == 224 else 10
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, *shape, generator=gen).to(device)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+
+        def fresh():
+            torch.manual_seed(0)
+            model = build().to(device)
+            return model.to(memory_format=torch.channels_last) if x.dim() == 4 else model
+
+        def backprop(compiled):
+            model = fresh()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            run = torch.compile(model) if compiled else model
+
+            def step():
+                with autocast:
+                    loss = F.cross_entropy(run(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step
+
+        def reclra():
+            model = fresh()
+            prog = fxlra.compile(model, **options)
+            opt = torch.optim.AdamW(prog.parameters(), lr=1e-4)
+            row["fxlra_fallback_ops"] = list(prog.fallbacks)
+
+            def step():
+                with autocast:
+                    prog.step(x, y)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step
+
+        variants = {"backprop_eager": lambda: backprop(False), "fxlra": reclra}
+        if compile_backprop:
+            variants["backprop_compiled"] = lambda: backprop(True)
+        else:
+            row["backprop_compiled"] = {"skipped": "no torch.compile in this run"}
+        for variant, make in variants.items():
+            def measure():
+                if variant == "backprop_compiled" and clock.left() < COMPILE_S:
+                    raise TimeoutError(f"less than {COMPILE_S} s of the time budget left for "
+                                       "torch.compile")
+                step = make()
+                for _ in range(3):                     # compiles (torch.compile, Triton) here
+                    step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                ms = clock.ms(step, flush=False, warmup=2, repeats=max(3, clock.repeats // 2))
+                peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+                return {"ms": ms, "peak_memory_bytes": peak}
+            guarded(row, variant, measure)
+            free()
+        ms = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
+        for base in ("backprop_eager", "backprop_compiled"):
+            if "fxlra" in ms and base in ms:
+                row[f"fxlra_over_{base}"] = ms["fxlra"] / ms[base]
+        print(f"step {name}: " + "  ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+        free()
+    return out
+
+
+# -- metadata -------------------------------------------------------------------------------------
+def commit():
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("FXLRA_COMMIT", "unknown")
+    return (head + ("-dirty" if dirty else "")) if head else os.environ.get("FXLRA_COMMIT",
+                                                                            "unknown")
+
+
+def metadata(device, dtype, args):
+    import triton
+    meta = {"python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "commit": commit(),
+            "dtype": str(dtype).replace("torch.", ""), "repeats": 2 if SMOKE else args.repeats,
+            "smoke": SMOKE, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "nominal_bandwidth_Bps": NOMINAL_BANDWIDTH, "tolerances": TOLERANCES,
+            "targets": TARGETS}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta["hardware"] = {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
+                            "sms": props.multi_processor_count,
+                            "memory_bytes": props.total_memory, "cudnn":
+                            torch.backends.cudnn.version()}
+    else:
+        meta["hardware"] = {"cpu": platform.processor() or platform.machine(),
+                            "threads": torch.get_num_threads()}
+    return meta
+
+
+SECTIONS = ("pseudo_conv", "target_error", "reproject", "steps")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny shapes on the CPU under TRITON_INTERPRET (checks the script)")
+    parser.add_argument("--out", default=None, help="JSON path (default "
+                        "benchmarks/results/gpu.json; none with --cpu-smoke)")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile backprop")
+    parser.add_argument("--budget-s", type=float, default=270,
+                        help="stop starting new measurements after this many seconds")
+    args = parser.parse_args()
+    if not SMOKE and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --cpu-smoke to check the script on the CPU")
+    device = torch.device("cpu" if SMOKE else "cuda")
+    dtype = torch.float32 if SMOKE else torch.bfloat16
+    repeats = 2 if SMOKE else args.repeats
+    torch.backends.cudnn.benchmark = True
+    clock = Clock(device, repeats, 1 if SMOKE else 5, args.budget_s)
+    result = {"meta": metadata(device, dtype, args)}
+    print(f"device {result['meta']['hardware']}, commit {result['meta']['commit']}")
+    result["correctness"] = correctness(device, SMOKE)
+    batch = 2 if SMOKE else 256
+    bandwidths = {}
+
+    def bandwidth_at(nbytes):
+        if nbytes not in bandwidths:
+            bandwidths[nbytes] = copy_bandwidth(clock, device, nbytes)
+        return bandwidths[nbytes]
+    big = 1 << 20 if SMOKE else 1 << 30
+    copy_bw = guarded(result, "copy_bandwidth_Bps", lambda: bandwidth_at(big))
+    copy_bw = copy_bw if isinstance(copy_bw, float) else NOMINAL_BANDWIDTH
+    sections = {
+        "pseudo_conv": lambda: pseudo_conv_section(clock, device, dtype, batch, SMOKE, copy_bw),
+        "target_error": lambda: target_error_section(clock, device, dtype, batch, SMOKE,
+                                                     bandwidth_at),
+        "reproject": lambda: reproject_section(clock, device, SMOKE),
+        "steps": lambda: steps_section(clock, device, dtype, SMOKE,
+                                       not (SMOKE or args.no_compile)),
+    }
+    for name in args.only:
+        guarded(result, name, sections[name])
+    result["meta"]["seconds_left_of_budget"] = clock.left()
+    out = args.out or (None if SMOKE else str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"wrote {out}")
+    sys.exit(0 if result["correctness"]["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
