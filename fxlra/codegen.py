@@ -435,7 +435,7 @@ class _Fetch:
 
 def _jvp_derivative(call, h):
     """phi'(h) for an elementwise activation without a listed derivative (forward-mode)."""
-    return torch.func.jvp(call, (h,), (torch.ones_like(h),))[1]
+    return torch.func.jvp(call.apply_to, (h,), (torch.ones_like(h),))[1]
 
 
 class NoReduce:

@@ -37,7 +37,8 @@ class Program(nn.Module):
         self._generated, self._code, self._update_names, self.fallbacks, self._stages = \
             codegen.build(graph_module, plan, synapse_modules, options)
         object.__setattr__(self, "_by_name", dict(self.named_parameters()))
-        inputs = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+        inputs = [n for n in graph_module.graph.nodes if n.op == "placeholder" and not n.args]
+        self._input_names = tuple(n.target for n in inputs)
         self._input_meta = inputs[0].meta.get("tensor_meta") if inputs else None
         self.steps = 0              # completed steps (skipped ones included)
         self.skips = 0              # consecutive skipped steps
@@ -113,19 +114,30 @@ class Program(nn.Module):
         return self._code
 
     def _check_input(self, x, y):
+        """The batch's inputs as a tuple (a model with several inputs takes ``(x1, x2, ...)``),
+        after checking them and the labels; raises InputError before anything runs."""
+        inputs = x if isinstance(x, tuple) else (x,)
+        names = self._input_names
+        if len(inputs) != len(names):
+            raise InputError(f"the model takes {len(names)} input(s) ({', '.join(names)}) but "
+                             f"{len(inputs)} were given; pass "
+                             f"{'x' if len(names) == 1 else '(' + ', '.join(names) + ')'}")
         like = next(self.model.parameters(), None)
-        for what, t in (("inputs", x), ("labels", y)):
+        for what, t in [("inputs", t) for t in inputs] + [("labels", y)]:
             if like is not None and isinstance(t, torch.Tensor) and t.device != like.device:
                 raise InputError(f"{what} are on {t.device} but the model is on {like.device}; "
                                  f"move them with .to({str(like.device)!r})")
         out = self.plan.site(self.plan.outputs[0]).layout
-        rules.check_batch(x, y, out, self.options["loss"])
+        for t in inputs:
+            rules.check_batch(t, y, out, self.options["loss"])
+        return inputs
 
     def reference_signals(self, x, y):
         """Every signal of the reference interpreter (the specification) for one batch."""
-        self._check_input(x, y)
+        inputs = self._check_input(x, y)
         edges = {e.key: self.synapses[e.key] for e in self.plan.edges}
-        return reference.compute_updates(self.graph_module, self.plan, edges, x, y, self.options)
+        return reference.compute_updates(self.graph_module, self.plan, edges, inputs, y,
+                                         self.options)
 
     def reference_updates(self, x, y):
         """The reference interpreter's raw updates, keyed like ``updates``."""
@@ -138,14 +150,14 @@ class Program(nn.Module):
     def _run(self, x, y, reduce=None):
         """Run the update program; on failure, restore the buffers the forward wrote and turn
         a failure caused by the batch's shape or dtype into an InputError."""
-        self._check_input(x, y)
+        inputs = self._check_input(x, y)
         snapshot = health.BufferSnapshot(health.mutable_buffers(self.model))
         try:
             with torch.no_grad():
-                loss, errors, updates = self._generated(x, y, reduce or codegen.NO_REDUCE)
+                loss, errors, updates = self._generated(*inputs, y, reduce or codegen.NO_REDUCE)
         except RuntimeError as exc:
             snapshot.restore()
-            mismatch = health.input_mismatch(self._input_meta, x, exc)
+            mismatch = health.input_mismatch(self._input_meta, inputs[0], exc)
             if mismatch is not None:
                 raise mismatch from exc
             raise
@@ -186,7 +198,8 @@ class Program(nn.Module):
 
     @staticmethod
     def _discrepancies(errors, norms, x):
-        return dict(zip(errors, (norms * norms / x.shape[0]).unbind()))
+        batch = (x[0] if isinstance(x, tuple) else x).shape[0]
+        return dict(zip(errors, (norms * norms / batch).unbind()))
 
 
 def _build_edges(plan_sites, graph, overrides, std):

@@ -36,10 +36,11 @@ class Signals:
 
 # -- RUNINFERENCE ---------------------------------------------------------------------------------
 def run_inference(gm, x):
-    """Run the model once and keep every node's value, keyed by node name."""
+    """Run the model once (``x``: the input, or a tuple of inputs) and keep every node's value,
+    keyed by node name."""
     interp = fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
-        interp.run(x)
+        interp.run(*(x if isinstance(x, tuple) else (x,)))
     return {node.name: value for node, value in interp.env.items()}
 
 
@@ -64,8 +65,8 @@ def rerun(node, env, modules, replace=None):
 
 def _pairs(out, cot):
     """(output tensor, cotangent) pairs; tuple-valued nodes carry cotangents as {index: tensor}."""
-    if isinstance(cot, dict):
-        return [(out[i], c) for i, c in cot.items()]
+    if isinstance(cot, dict):             # nested as deep as the op's tuples (LSTM: (h, c))
+        return [p for i, c in cot.items() for p in _pairs(out[i], c)]
     return [(out, cot)]
 
 
@@ -155,13 +156,16 @@ class _Run:
 
     @staticmethod
     def _add(cot, name, c):
-        if isinstance(c, dict):
-            merged = dict(cot.get(name, {}))
+        """Add cotangent ``c`` into ``cot[name]``; tuple-valued ops' are nested dicts."""
+        if name not in cot:
+            cot[name] = c
+        elif isinstance(c, dict):
+            merged = dict(cot[name])
             for k, v in c.items():
-                merged[k] = merged[k] + v if k in merged else v
+                _Run._add(merged, k, v)
             cot[name] = merged
         else:
-            cot[name] = cot[name] + c if name in cot else c
+            cot[name] = cot[name] + c
 
     def _input_cotangents(self, node, c, region):
         inputs = [a for a in node.all_input_nodes if a.name in region]

@@ -560,10 +560,8 @@ def check_program(prog, x, deterministic=True):
 
 
 def _deterministic(spec):
-    """Dropout draws new masks on every forward; the reference recomputes the nested tuples of
-    an LSTM's (h, c) state only one level deep (see the regression test below)."""
-    return not any(op[0] == "dropout" or (op[0] == "recurrent" and op[1] == "lstm" and
-                                          op[3] == "state") for op in spec["layers"])
+    """Dropout draws new masks on every forward, so the reference's run differs."""
+    return not any(op[0] == "dropout" for op in spec["layers"])
 
 
 def _untraceable(spec):
@@ -662,9 +660,6 @@ def test_lstm_hidden_state_steps_with_finite_updates():
                                    atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the reference interpreter's cotangents of tuple-valued ops are one "
-                          "level deep; an LSTM's (h, c) state is two")
 def test_lstm_hidden_state_reference_matches_the_program():
     model = nn.Sequential(Lambda(lambda h: h.unsqueeze(1)), Recurrent("lstm", 4, 5, "state"),
                           nn.Linear(5, 3)).to(DTYPE)
@@ -794,13 +789,16 @@ def test_a_second_input_fixed_by_concrete_args_compiles():
     assert prog.model.a.weight.grad is not None
 
 
-@pytest.mark.xfail(strict=True, raises=fxlra.InputError,
-                   reason="step(x, y) takes one input tensor; a model with two inputs compiles "
-                          "(shapes from a tuple of example inputs) but cannot step yet")
-def test_a_model_with_two_inputs_steps():
-    x = (X.float(), X.float())
-    prog = fxlra.compile(TwoInputs(), example_inputs=x)
+def test_a_model_with_two_inputs_steps_on_a_tuple_and_equals_the_reference():
+    x = (X, X * 2)
+    prog = fxlra.compile(TwoInputs().to(DTYPE), example_inputs=x)
+    updates, expected = prog.updates(x, Y), prog.reference_updates(x, Y)
+    assert updates.keys() == expected.keys() and updates
+    for name, u in updates.items():
+        torch.testing.assert_close(u, expected[name], rtol=1e-9, atol=1e-12)
     prog.step(x, Y)
+    with pytest.raises(fxlra.InputError, match=r"takes 2 input\(s\) \(x, z\) but 1 were given"):
+        prog.step(X, Y)
 
 
 def test_an_example_batch_the_model_rejects_is_named():
