@@ -174,13 +174,18 @@ class Generator:
                     terms.append(f"syn.apply({module}, err_{p}, {i}.shape)")
                     uses += [f"err_{p}"]
             self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i])
-            pre = f"torch.sub({site.h}, disp_{i}, alpha={o['beta']!r})"      # h - beta d
-            target = self.call(self.nodes[i], {site.h: pre}) if site.kind == "activation" else pre
-            self.src.add(f"target_{i} = {target}", [f"target_{i}"], [site.h, f"disp_{i}"])
+            node = self.nodes[i]
+            phi, uses = "None", [site.h, i, f"disp_{i}"]
+            if site.kind == "activation":                    # phi with h in place of its input
+                phi = self.call(node, {site.h: "v"})
+                phi = phi[:-len("(v)")] if phi.endswith("(v)") and "(" not in phi[:-3] \
+                    else f"lambda v: {phi}"
+                uses += [a.name for a in node.all_input_nodes]
             alpha = rules.at_depth(o["alpha"], depth[i])
             kappa = rules.at_depth(o["kappa"], depth[i])
-            self.src.add(f"err_{i} = rules.inner_error({i}, target_{i}, {alpha!r}, {kappa!r})",
-                         [f"err_{i}"], [i, f"target_{i}"])
+            self.src.add(f"target_{i}, err_{i} = rules.error_neurons({phi}, {site.h}, {i}, "
+                         f"disp_{i}, {o['beta']!r}, {alpha!r}, {kappa!r})",
+                         [f"target_{i}", f"err_{i}"], uses)
             self._shared_projections(i)
 
     def _waves(self):

@@ -27,14 +27,16 @@ def linear_grads(m, x, c):
 
 
 def conv_grads(m, x, c):
+    dtype = ops.compute_dtype(x, c)
+    x, c = x.to(dtype), c.to(dtype)
     padding = m.padding
     if m.padding_mode != "zeros" or isinstance(padding, str):
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
         padding = (0,) * (x.dim() - 2)
     bias = [m.out_channels] if m.bias is not None else None
-    _, dw, db = aten.convolution_backward(c, x, m.weight, bias, m.stride, padding, m.dilation,
-                                          False, [0] * (x.dim() - 2), m.groups,
+    _, dw, db = aten.convolution_backward(c, x, m.weight.to(dtype), bias, m.stride, padding,
+                                          m.dilation, False, [0] * (x.dim() - 2), m.groups,
                                           [False, True, m.bias is not None])
     grads = {"weight": dw}
     if m.bias is not None:
@@ -58,13 +60,13 @@ def batchnorm_grads(m, x, c):
         return {}
     train = m.training or m.running_mean is None
     save_mean = save_invstd = None
-    if train:
-        dims = [0] + list(range(2, x.dim()))
-        var, save_mean = torch.var_mean(x, dims, correction=0)
-        save_invstd = torch.rsqrt(var + m.eps)
     weight = m.weight if m.weight is not None else torch.ones_like(m.running_mean)
+    if train:      # statistics in the parameters' dtype (mixed precision under autocast)
+        dims = [0] + list(range(2, x.dim()))
+        var, save_mean = torch.var_mean(x.to(weight.dtype), dims, correction=0)
+        save_invstd = torch.rsqrt(var + m.eps)
     _, dw, db = aten.native_batch_norm_backward(
-        c, x, weight, m.running_mean, m.running_var, save_mean, save_invstd, train, m.eps,
+        c.to(x.dtype), x, weight, m.running_mean, m.running_var, save_mean, save_invstd, train, m.eps,
         [False, m.weight is not None, m.bias is not None])
     grads = {}
     if m.weight is not None:

@@ -196,3 +196,13 @@ def rule_module_types():
     """Module classes with an fxlra rule that are not torch.nn's own (fxlra.nn layers): the
     tracer keeps them as leaves so that their rule applies."""
     return [cls for cls in _RULE_MODULES if not cls.__module__.startswith("torch.")]
+
+
+def compute_dtype(x, c):
+    """The dtype a weight-gradient op computes in: its inputs', or under autocast (where the
+    recorded input and the error may differ) the autocast dtype, as autograd's backward would."""
+    if x.dtype == c.dtype:
+        return x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, c.dtype)

@@ -111,6 +111,22 @@ def output_error(v, target, loss):
     return e, value
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def error_neurons(phi, h, z, d, beta, alpha, kappa):
+    """(target, error) of an inner site: y = phi(h - beta d) and e = inner_error(z, y). ``phi``
+    is None for an identity site. In bfloat16 or float16, z - y would cancel to rounding noise
+    (beta d is far smaller than z), so both are computed in float32 from h: e is then exact to
+    float32 for the bf16 h the forward produced."""
+    if z.dtype in LOW_PRECISION:
+        h, d = h.float(), d.float()
+        z = h if phi is None else phi(h)
+    pre = torch.sub(h, d, alpha=beta)
+    y = pre if phi is None else phi(pre)
+    return y, inner_error(z, y, alpha, kappa)
+
+
 def inner_error(z, y, alpha, kappa):
     """e = kappa * (alpha * (z - y) + (1 - alpha) * sign(z - y))."""
     diff = z - y

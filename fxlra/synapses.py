@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import OptionError
+from .ops import compute_dtype
 
 KIND_BY_LAYOUT = {("vector", "vector"): "dense", ("vector", "spatial"): "broadcast",
                   ("spatial", "spatial"): "pointwise", ("spatial", "vector"): "pool"}
@@ -113,7 +114,9 @@ def _pointwise_grad(syn, e, c):
     if child_spatial != parent_spatial:
         return None
     if syn.parent_dim == 1 and syn.child_dim == 1 and e.dim() in _CONV:
-        w = syn.weight.view(*syn.weight.shape, *([1] * (e.dim() - 2)))
+        dtype = compute_dtype(e, c)
+        c, e = c.to(dtype), e.to(dtype)
+        w = syn.weight.to(dtype).view(*syn.weight.shape, *([1] * (e.dim() - 2)))
         _, dw, _ = torch.ops.aten.convolution_backward(
             c, e, w, None, [1] * (e.dim() - 2), [0] * (e.dim() - 2), [1] * (e.dim() - 2),
             False, [0] * (e.dim() - 2), 1, [False, True, False])

@@ -402,3 +402,21 @@ def test_register_activation_function_with_derivative():
 def test_register_activation_rejects_other_things():
     with pytest.raises(TypeError):
         fxlra.register_activation(3)
+
+
+def test_a_step_under_bf16_autocast_is_close_to_the_float32_step():
+    """Mixed precision: the forward runs in bf16, the weight-gradient ops take the autocast
+    dtype, the updates land in the float32 .grad and agree with the float32 step to bf16
+    precision (every parameter's update within a few percent in norm)."""
+    model = make_cnn()
+    x, y = cnn_batch(8)
+    prog32, prog16 = fxlra.compile(copy.deepcopy(model)), fxlra.compile(copy.deepcopy(model))
+    prog16.load_state_dict(prog32.state_dict())             # the same error synapses
+    prog32.step(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prog16.step(x, y)
+    assert out.loss.dtype == torch.bfloat16
+    for (name, a), b in zip(prog32.named_parameters(), prog16.parameters()):
+        assert b.grad.dtype == torch.float32, name
+        err = (a.grad - b.grad).norm() / a.grad.norm().clamp_min(1e-12)
+        assert err < 0.1, (name, float(err))
