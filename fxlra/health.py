@@ -8,6 +8,8 @@ site in the order of the error graph where it appeared, or skips the step (up to
 in a row). A forward that fails on a batch unlike the one the program was compiled for becomes
 an :class:`~fxlra.errors.InputError` naming the difference.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -48,11 +50,16 @@ class BufferSnapshot:
                 b.copy_(s)
 
 
-def all_finite(loss, error_norms, update_norms):
-    """One host sync: whether the loss and every error and update norm are finite."""
-    parts = [loss.detach().reshape(1).float()]
-    parts += [n.reshape(-1).float() for n in (error_norms, update_norms) if n is not None]
-    return bool(torch.isfinite(torch.cat(parts)).all())
+def host_norms(loss, error_norms, update_norms):
+    """One host sync: the loss, then every error norm, then every update norm, as floats."""
+    parts = [loss.detach().reshape(1).double(), error_norms.double()]
+    if update_norms is not None:
+        parts.append(update_norms.double())
+    return torch.cat(parts).tolist()
+
+
+def all_finite(values):
+    return all(map(math.isfinite, values))
 
 
 def first_bad_site(plan, loss, errors, error_norms, names, updates, update_norms):

@@ -180,7 +180,8 @@ class Program(nn.Module):
         with torch.no_grad():
             error_norms = torch.stack(torch._foreach_norm(list(errors.values())))
             update_norms = torch.stack(torch._foreach_norm(updates)) if updates else None
-            if policy and not health.all_finite(loss, error_norms, update_norms):
+            host = health.host_norms(loss, error_norms, update_norms) if policy else None
+            if policy and not health.all_finite(host):
                 snapshot.restore()
                 site, what = health.first_bad_site(self.plan, loss, errors, error_norms,
                                                    self._update_names, updates, update_norms)
@@ -190,7 +191,10 @@ class Program(nn.Module):
                     return StepResult(loss, self._discrepancies(errors, error_norms, x), True)
                 raise health.nonfinite_error(self.steps + 1, site, what, self.skips)
             params = [self._by_name[n] for n in self._update_names]
-            rules.reproject_all(updates, self.options["clip"], update_norms)
+            if host is not None:           # the norms are on the host already: no more syncs
+                rules.reproject_known(updates, self.options["clip"], host[1 + len(errors):])
+            else:
+                rules.reproject_all(updates, self.options["clip"], update_norms)
             rules.accumulate_grads(params, updates)
         self.steps += 1
         self.skips = 0

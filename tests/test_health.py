@@ -159,3 +159,14 @@ def test_nan_inputs_are_input_errors_and_change_nothing():
     with pytest.raises(fxlra.InputError, match="NaN"):
         prog.step(x, y)
     assert_same(before, state(prog, opt))
+
+
+def test_finite_inputs_whose_sum_overflows_are_not_called_non_finite():
+    """The input check sums the batch first (fast); an overflowing sum of finite values falls
+    back to the exact check instead of rejecting the batch."""
+    from fxlra.rules import all_finite
+    big = torch.full((4, 8), 3e38)
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    big[1, 2] = float("inf")
+    assert not all_finite(big)
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
