@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from . import local, ops, rules, shapes, synapses as syn
+from .nn import PerturbativeConv2d
 
 
 def _is_simple(value):
@@ -136,7 +137,19 @@ class Generator:
             if node.op in ("placeholder", "output"):
                 continue
             uses = [a.name for a in node.all_input_nodes]
-            self.src.add(f"{node.name} = {self.call(node)}", [node.name], uses)
+            self.src.add(f"{node.name} = {self._kernel_call(node) or self.call(node)}",
+                         [node.name], uses)
+
+    def _kernel_call(self, node):
+        """A forward op computed by a fused kernel on the Triton path (the pseudo-convolution:
+        relu(x + noise) formed while loading, never materialised), or None."""
+        if not (self.o.get("use_kernels") and node.op == "call_module"):
+            return None
+        module = self.modules[node.target]
+        if not isinstance(module, PerturbativeConv2d) or len(node.args) != 1 or node.kwargs:
+            return None
+        return (f"{self.glob(self._kernels(), 'kernels')}.perturbative_forward("
+                f"{self.glob(module, 'm_' + node.target)}, {self.fmt(node.args[0])})")
 
     def errors(self):
         o = self.o
@@ -174,6 +187,11 @@ class Generator:
                     terms.append(f"syn.apply({module}, err_{p}, {i}.shape)")
                     uses += [f"err_{p}"]
             self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i])
+            alpha = rules.at_depth(o["alpha"], depth[i])
+            kappa = rules.at_depth(o["kappa"], depth[i])
+            if self._fused_error(site, alpha, kappa):
+                self._shared_projections(i)
+                continue
             node = self.nodes[i]
             phi, uses = "None", [site.h, i, f"disp_{i}"]
             if site.kind == "activation":                    # phi with h in place of its input
@@ -181,12 +199,49 @@ class Generator:
                 phi = phi[:-len("(v)")] if phi.endswith("(v)") and "(" not in phi[:-3] \
                     else f"lambda v: {phi}"
                 uses += [a.name for a in node.all_input_nodes]
-            alpha = rules.at_depth(o["alpha"], depth[i])
-            kappa = rules.at_depth(o["kappa"], depth[i])
             self.src.add(f"target_{i}, err_{i} = rules.error_neurons({phi}, {site.h}, {i}, "
                          f"disp_{i}, {o['beta']!r}, {alpha!r}, {kappa!r})",
                          [f"target_{i}", f"err_{i}"], uses)
             self._shared_projections(i)
+
+    def _fused_error(self, site, alpha, kappa):
+        """On the Triton path, the site's target and error by the fused kernel (one pass, math in
+        float32, z recomputed from h). False when the kernels are off or the site's activation
+        has no kernel row (its torch lines are emitted instead)."""
+        if not self.o.get("use_kernels"):
+            return False
+        found = self._kernel_activation(site)
+        if found is None:
+            return False
+        name, params = found
+        i, kern = site.name, self.glob(self._kernels(), "kernels")
+        values = ", ".join(self.glob(p, f"param_{i}") if isinstance(p, torch.Tensor) else repr(p)
+                           for p in params)
+        self.src.add(f"target_{i}, err_{i}, _ = {kern}.target_and_error({site.h}, {i}, disp_{i}, "
+                     f"{name!r}, beta={self.o['beta']!r}, alpha={alpha!r}, kappa={kappa!r}, "
+                     f"params=({values}{',' if len(params) == 1 else ''}), "
+                     f"channel_dim={site.layout.channel_dim}, recompute_z=True)",
+                     [f"target_{i}", f"err_{i}"], [site.h, i, f"disp_{i}"])
+        return True
+
+    def _kernel_activation(self, site):
+        """(kernel activation name, parameters) of a site, or None."""
+        if site.kind != "activation":
+            return "identity", ()
+        node = self.nodes[site.name]
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node) or first.name != site.h:
+            return None
+        rest = torch.utils._pytree.tree_leaves((node.args[1:], node.kwargs))
+        if any(isinstance(a, fx.Node) for a in rest):
+            return None
+        target = self.modules[node.target] if node.op == "call_module" else node.target
+        return self._kernels().activation_of(target, node.args, node.kwargs)
+
+    @staticmethod
+    def _kernels():
+        from . import kernels          # imports Triton: only on the kernel path
+        return kernels
 
     def _waves(self):
         """The error stage in waves: a site's wave is one more than its latest parent's."""
@@ -330,7 +385,11 @@ class Generator:
             fn = local.MODULE_GRADS[self._rule(node)]
             module = self.glob(self.modules[node.target], "m_" + node.target)
             x = node.args[0].name
-            self.src.add(f"{target} = local.{fn.__name__}({module}, {x}, {c})", [target], [c, x])
+            owner = "local"
+            if self.o.get("use_kernels") and self._rule(node) in KERNEL_GRADS:
+                owner = self.glob(self._kernels(), "kernels")     # the fused Triton update
+            self.src.add(f"{target} = {owner}.{fn.__name__}({module}, {x}, {c})", [target],
+                         [c, x])
             keys = [n[len(node.target) + 1:] for n in names]
             if fn is local.linear_grads:
                 self._linear_grads[(x, self._alias.get(c, c))] = target
@@ -441,6 +500,10 @@ class _Fetch:
 def _jvp_derivative(call, h):
     """phi'(h) for an elementwise activation without a listed derivative (forward-mode)."""
     return torch.func.jvp(call.apply_to, (h,), (torch.ones_like(h),))[1]
+
+
+# rules whose weight-gradient fxlra.kernels computes in one fused Triton kernel (same signature)
+KERNEL_GRADS = ("perturbative",)
 
 
 class NoReduce:

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import (analysis, codegen, health, passes, paths, reference, rules, synapses as syn, trace,
                wiring as wiring_mod)
-from .errors import InputError, WiringError
+from .errors import InputError, OptionError, WiringError
 from .plan import Edge, Plan
 
 
@@ -34,8 +34,8 @@ class Program(nn.Module):
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "_wiring", graph)
         self.options = dict(options)
-        self._generated, self._code, self._update_names, self.fallbacks, self._stages = \
-            codegen.build(graph_module, plan, synapse_modules, options)
+        self._built_for = None
+        self._build()
         object.__setattr__(self, "_by_name", dict(self.named_parameters()))
         inputs = [n for n in graph_module.graph.nodes if n.op == "placeholder" and not n.args]
         self._input_names = tuple(n.target for n in inputs)
@@ -43,6 +43,25 @@ class Program(nn.Module):
         self.steps = 0              # completed steps (skipped ones included)
         self.skips = 0              # consecutive skipped steps
         self.reducer = None         # averages updates across processes (fxlra.distributed)
+
+    def _build(self):
+        """Generate the update program for the device the model is on: Triton kernels on CUDA
+        (``kernels="auto"``) or wherever they can run (``"triton"``), torch ops otherwise."""
+        device = next(self.parameters()).device
+        use = _use_kernels(self.options["kernels"], device)
+        self._generated, self._code, self._update_names, self.fallbacks, self._stages = \
+            codegen.build(self.graph_module, self.plan, dict(self.synapses.items()),
+                          dict(self.options, use_kernels=use))
+        self._built_for = (device, use)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``prog.to(device)``, ``.cuda()``, ``.double()``...: regenerate when the device changes
+        (the kernel path depends on it)."""
+        out = super()._apply(fn, *args, **kwargs)
+        if self._built_for is not None and \
+                next(self.parameters()).device != self._built_for[0]:
+            self._build()
+        return out
 
     def get_extra_state(self):
         """The step counters, so that a checkpoint holds them with the weights."""
@@ -206,6 +225,29 @@ class Program(nn.Module):
         return dict(zip(errors, (norms * norms / batch).unbind()))
 
 
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def _kernels_available(device):
+    try:
+        from . import kernels
+    except ImportError:                  # a source checkout without the installed package
+        return False
+    return kernels.available(device)
+
+
+def _use_kernels(choice, device):
+    if choice not in KERNEL_CHOICES:
+        raise OptionError(f"kernels={choice!r} is not supported; choose one of "
+                          f"{list(KERNEL_CHOICES)}")
+    if choice == "triton" and not _kernels_available(device):
+        raise OptionError(f"kernels='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
+                          f"set before torch is imported); the model is on {device}. Use "
+                          "kernels='auto' to fall back to torch ops")
+    return choice == "triton" or (choice == "auto" and device.type == "cuda" and
+                                  _kernels_available(device))
+
+
 def _build_edges(plan_sites, graph, overrides, std):
     """Edges of the error graph with their synapse modules, in a deterministic order."""
     index = {s.name: s for s in plan_sites}
@@ -230,7 +272,7 @@ def _build_edges(plan_sites, graph, overrides, std):
 def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1, gamma=1.0,
             alpha=1.0, kappa=1.0, error_rule="hebbian-z", local_rule="hebbian", clip=1.0,
             error_init_std=0.05, synapses=None, leaf_modules=(), concrete_args=None,
-            example_inputs=None, nonfinite="raise", max_skips=10):
+            example_inputs=None, nonfinite="raise", max_skips=10, kernels="auto"):
     """Trace ``model``, find its error sites, wire them, and return a :class:`Program`.
 
     See the README for every option and the paper's value of each in each experiment.
@@ -238,6 +280,9 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     rules.check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
                         error_init_std)
     health.check_options(nonfinite, max_skips)
+    if kernels not in KERNEL_CHOICES:
+        raise OptionError(f"kernels={kernels!r} is not supported; choose one of "
+                          f"{list(KERNEL_CHOICES)}")
     gm = passes.make_out_of_place(trace.trace(model, leaf_modules, concrete_args))
     sites, params, site_graph = analysis.analyse(gm, model, rules.OUTPUT_PHI[loss],
                                                      example_inputs)
@@ -247,7 +292,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
                 wiring=name, blocks=site_graph.blocks).verify()
     options = dict(loss=loss, beta=beta, gamma=gamma, alpha=alpha, kappa=kappa,
                    error_rule=error_rule, local_rule=local_rule, clip=clip,
-                   nonfinite=nonfinite, max_skips=max_skips)
+                   nonfinite=nonfinite, max_skips=max_skips, kernels=kernels)
     like = next(model.parameters(), torch.empty(0))
     prog = Program(model, gm, plan, graph, modules, options)
     prog.synapses.to(device=like.device, dtype=like.dtype)

@@ -42,14 +42,13 @@ def _target_error_kernel(h_ptr, z_ptr, d_ptr, y_ptr, e_ptr, part_ptr, w_ptr,
                          n, d_stride_b, d_stride_c, inner, channels, w_stride,
                          beta, alpha, kappa, p0, p1,
                          PHI: tl.constexpr, CHANNEL_D: tl.constexpr, TENSOR_P0: tl.constexpr,
-                         STORE_Y: tl.constexpr, BLOCK: tl.constexpr):
+                         STORE_Y: tl.constexpr, RECOMPUTE_Z: tl.constexpr, BLOCK: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     r = blk * BLOCK + tl.arange(0, BLOCK)
     mask = r < n
     offs = b * n + r
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     c = (r // inner) % channels                                  # the channel of each value
     if CHANNEL_D:
         d = tl.load(d_ptr + b * d_stride_b + c * d_stride_c, mask=mask, other=0.0)
@@ -57,9 +56,18 @@ def _target_error_kernel(h_ptr, z_ptr, d_ptr, y_ptr, e_ptr, part_ptr, w_ptr,
         d = tl.load(d_ptr + offs, mask=mask, other=0.0)
     x = h - beta * d.to(tl.float32)
     if TENSOR_P0:
-        y = PHI(x, tl.load(w_ptr + c * w_stride, mask=mask, other=0.0).to(tl.float32), p1)
+        w = tl.load(w_ptr + c * w_stride, mask=mask, other=0.0).to(tl.float32)
+        y = PHI(x, w, p1)
+        if RECOMPUTE_Z:
+            z = PHI(h, w, p1)
+        else:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         y = PHI(x, p0, p1)
+        if RECOMPUTE_Z:
+            z = PHI(h, p0, p1)
+        else:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if STORE_Y:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     diff = z - y
@@ -98,10 +106,12 @@ def _config(n, interpreted):
 
 
 def target_and_error(h, z, d, activation="identity", *, beta=0.1, alpha=1.0, kappa=1.0,
-                     params=(), channel_dim=1, with_target=True):
+                     params=(), channel_dim=1, with_target=True, recompute_z=False):
     """The target ``y``, the error ``e`` and the per-sample ``sq = sum(e^2)`` of one site, in one
     pass. Returns ``(y, e, sq)`` (``y`` is None when ``with_target=False``; fxlra needs only
-    ``e``). ``params`` are the activation's parameters in the table's order (defaults filled in)."""
+    ``e``). ``params`` are the activation's parameters in the table's order (defaults filled in).
+    ``recompute_z=True`` forms ``z = phi(h)`` in float32 instead of reading ``z`` (what fxlra
+    uses: in bfloat16 the rounding of a stored ``z`` would swamp ``z - y``; one read fewer)."""
     for arg, value in (("h", h), ("z", z), ("d", d)):
         check.tensor(WHERE, arg, value)
     interpreted = check.is_interpreted(_target_error_kernel)
@@ -165,14 +175,15 @@ def target_and_error(h, z, d, activation="identity", *, beta=0.1, alpha=1.0, kap
         n, d_strides[0], d_strides[1], inner, channels, w_stride,
         float(beta), float(alpha), float(kappa), p0, p1,
         PHI=ACTIVATIONS[name].snippet, CHANNEL_D=d_channel is not None,
-        TENSOR_P0=weight is not None, STORE_Y=with_target, BLOCK=block, num_warps=warps)
+        TENSOR_P0=weight is not None, STORE_Y=with_target, RECOMPUTE_Z=bool(recompute_z),
+        BLOCK=block, num_warps=warps)
     sq = partial[:, 0] if grid[0] == 1 else partial.sum(1)
     return y, e, sq
 
 
 # -- reference ------------------------------------------------------------------------------------
 def target_and_error_ref(h, z, d, activation="identity", *, beta=0.1, alpha=1.0, kappa=1.0,
-                         params=(), channel_dim=1, with_target=True):
+                         params=(), channel_dim=1, with_target=True, recompute_z=False):
     """What ``target_and_error`` computes, in plain torch (float32 math, results in h's dtype):
     the activation's own torch function at ``torch.sub(h, d, alpha=beta)``, then
     ``fxlra.rules.inner_error``'s formula."""
@@ -184,6 +195,8 @@ def target_and_error_ref(h, z, d, activation="identity", *, beta=0.1, alpha=1.0,
         d32 = d32.reshape(view).expand(h.shape)
     values = [v.float() if isinstance(v, torch.Tensor) else v for v in values]
     y32 = ACTIVATIONS[name].torch_fn(torch.sub(h32, d32, alpha=beta), *values)
+    if recompute_z:
+        z32 = ACTIVATIONS[name].torch_fn(h32, *values)
     diff = z32 - y32
     e32 = kappa * (alpha * diff + (1.0 - alpha) * torch.sign(diff))
     e = e32.to(h.dtype)

@@ -179,6 +179,16 @@ def test_target_and_error_equals_ref_for_every_activation(name):
     assert_matches_ref(h, z, d, name, **OPTIONS)
 
 
+@pytest.mark.parametrize("name", ["tanh", "relu", "identity"])
+def test_recompute_z_forms_phi_of_h_instead_of_reading_z(name):
+    """fxlra passes recompute_z=True: z is phi(h) in float32, whatever the z tensor holds."""
+    h, z, d = site((3, 4, 5), name, seed=4)
+    garbage = torch.full_like(z, 7.0)
+    _, e, _ = assert_matches_ref(h, garbage, d, name, recompute_z=True, **OPTIONS)
+    _, expected, _ = TE.target_and_error_ref(h, z, d, name, **OPTIONS)
+    close(e, expected, "float32", msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("displacement", ["dense", "channel", "expanded"])
 @pytest.mark.parametrize("name", ["tanh", "relu", "sign"])

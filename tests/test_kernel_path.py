@@ -1,0 +1,86 @@
+"""The generated program's Triton path (``kernels="triton"``), run on the CPU by Triton's
+interpreter in a fresh process (TRITON_INTERPRET=1 must be set before Triton is imported): the
+fused target/error kernel at every site whose activation has a kernel row, and the fused
+pseudo-convolution forward and update, give the same updates as the torch path, and prog.code
+shows which path it took. On the CPU without the interpreter, "auto" keeps torch ops and
+"triton" is a clear error."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxlra
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent('''
+    import copy, sys
+    import torch
+    from torch import nn
+    import fxlra
+    from fxlra.models import presnet18
+    from fxlra.nn import LEAF_MODULES
+    sys.path.insert(0, sys.argv[1])
+    from conftest import make_cnn, make_mlp
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cases = {
+        "mlp": (make_mlp(act=nn.Tanh), "pairwise", torch.randn(6, 5), torch.arange(6) % 4, {}),
+        "cnn": (make_cnn(), "residual", torch.randn(4, 3, 8, 8), torch.arange(4) % 5,
+                dict(alpha={1: 0.19, 2: 0.24})),
+        "presnet": (presnet18(classes=3, width=4, level=0.1), "residual",
+                    torch.randn(2, 3, 8, 8), torch.arange(2) % 3,
+                    dict(leaf_modules=LEAF_MODULES)),
+    }
+    for name, (model, wiring, x, y, extra) in cases.items():
+        plain = fxlra.compile(copy.deepcopy(model), wiring=wiring, kernels="torch", **extra)
+        fused = fxlra.compile(copy.deepcopy(model), wiring=wiring, kernels="triton", **extra)
+        fused.load_state_dict(plain.state_dict())
+        assert "kernels.target_and_error" in fused.code and "kernels" not in plain.code, name
+        if name == "presnet":
+            assert "kernels.perturbative_forward" in fused.code, name
+            assert "kernels.perturbative_grads" in fused.code, name
+        a, b = plain.updates(x, y), fused.updates(x, y)
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
+        fused.step(x, y)
+        print(name, "ok", len(a))
+''')
+
+
+def test_the_triton_path_equals_the_torch_path_under_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    script = tmp_path / "kernel_path.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(script), str(ROOT / "tests")], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [ln.split()[:2] for ln in done.stdout.splitlines()] == [
+        ["mlp", "ok"], ["cnn", "ok"], ["presnet", "ok"]]
+
+
+def test_auto_keeps_torch_ops_on_the_cpu_and_triton_there_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    prog = fxlra.compile(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    assert "kernels" not in prog.code
+    with pytest.raises(fxlra.OptionError, match="kernels='triton' needs Triton and a CUDA"):
+        fxlra.compile(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+                      kernels="triton")
+    with pytest.raises(fxlra.OptionError, match=r"kernels='gpu' is not supported"):
+        fxlra.compile(nn.Sequential(nn.Linear(4, 3)), kernels="gpu")
+
+
+def test_moving_the_program_regenerates_it_for_the_new_device():
+    prog = fxlra.compile(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    first = prog._generated
+    prog.double()                                    # same device: nothing to regenerate
+    assert prog._generated is first
+    prog.to("meta")
+    assert prog._generated is not first and prog._built_for[0].type == "meta"
