@@ -68,6 +68,10 @@ class Generator:
         self._opcalls = {}               # node name -> its OpCall
         self._linear_grads = {}          # (input, output error) -> grads of a Linear op
         self.stages = {}                 # stage -> its statements' (defs, uses), in order
+        self.place = dict(options.get("placement") or {})   # site -> device index (0: home)
+        self._copies = {}                # (variable, device index) -> its copy's name
+        if self.place:
+            self.env["DEVICES"] = list(options["devices"])
 
     # -- names and expressions --------------------------------------------------------------------
     def glob(self, obj, hint):
@@ -128,6 +132,21 @@ class Generator:
             self._opcalls[node.name] = local.OpCall(node, self.modules)
         return self.glob(self._opcalls[node.name], f"op_{node.name}")
 
+    # -- devices ----------------------------------------------------------------------------------
+    def _dev(self, site):
+        return self.place.get(site, 0)
+
+    def _on(self, var, k, src):
+        """``var`` (a value on device ``src``) on device ``k``: itself, or a copy made once."""
+        if k == src:
+            return var
+        name = self._copies.get((var, k))
+        if name is None:
+            name = f"{var}__on{k}"
+            self.src.add(f"{name} = {var}.to(DEVICES[{k}], non_blocking=True)", [name], [var])
+            self._copies[(var, k)] = name
+        return name
+
     # -- stages -----------------------------------------------------------------------------------
     def forward(self):
         self.src.comment("forward: every value the updates read is kept until its last use")
@@ -174,7 +193,7 @@ class Generator:
             site = self.plan.site(i)
             parents = self.plan.parents(i)
             self.src.comment(f"site {i} (depth {depth[i]}, error from {', '.join(parents)})")
-            terms, uses = [], []
+            terms, uses, k = [], [], self._dev(i)
             for p in parents:
                 edge = self.plan.edge(p, i)
                 if edge.key in self._shared:
@@ -184,8 +203,9 @@ class Generator:
                     uses += [part]
                 else:
                     module = self.glob(self.synapses[edge.key], f"syn_{edge.key}")
-                    terms.append(f"syn.apply({module}, err_{p}, {i}.shape)")
-                    uses += [f"err_{p}"]
+                    err = self._on(f"err_{p}", k, self._dev(p))
+                    terms.append(f"syn.apply({module}, {err}, {i}.shape)")
+                    uses += [err]
             self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i])
             alpha = rules.at_depth(o["alpha"], depth[i])
             kappa = rules.at_depth(o["kappa"], depth[i])
@@ -193,13 +213,14 @@ class Generator:
                 self._shared_projections(i)
                 continue
             node = self.nodes[i]
-            phi, uses = "None", [site.h, i, f"disp_{i}"]
+            h, z = self._on(site.h, k, 0), self._on(i, k, 0)
+            phi, uses = "None", [h, z, f"disp_{i}"]
             if site.kind == "activation":                    # phi with h in place of its input
                 phi = self.call(node, {site.h: "v"})
                 phi = phi[:-len("(v)")] if phi.endswith("(v)") and "(" not in phi[:-3] \
                     else f"lambda v: {phi}"
                 uses += [a.name for a in node.all_input_nodes]
-            self.src.add(f"target_{i}, err_{i} = rules.error_neurons({phi}, {site.h}, {i}, "
+            self.src.add(f"target_{i}, err_{i} = rules.error_neurons({phi}, {h}, {z}, "
                          f"disp_{i}, {o['beta']!r}, {alpha!r}, {kappa!r})",
                          [f"target_{i}", f"err_{i}"], uses)
             self._shared_projections(i)
@@ -215,13 +236,14 @@ class Generator:
             return False
         name, params = found
         i, kern = site.name, self.glob(self._kernels(), "kernels")
+        h, z = self._on(site.h, self._dev(i), 0), self._on(i, self._dev(i), 0)
         values = ", ".join(self.glob(p, f"param_{i}") if isinstance(p, torch.Tensor) else repr(p)
                            for p in params)
-        self.src.add(f"target_{i}, err_{i}, _ = {kern}.target_and_error({site.h}, {i}, disp_{i}, "
+        self.src.add(f"target_{i}, err_{i}, _ = {kern}.target_and_error({h}, {z}, disp_{i}, "
                      f"{name!r}, beta={self.o['beta']!r}, alpha={alpha!r}, kappa={kappa!r}, "
                      f"params=({values}{',' if len(params) == 1 else ''}), "
                      f"channel_dim={site.layout.channel_dim}, recompute_z=True)",
-                     [f"target_{i}", f"err_{i}"], [site.h, i, f"disp_{i}"])
+                     [f"target_{i}", f"err_{i}"], [h, z, f"disp_{i}"])
         return True
 
     def _kernel_activation(self, site):
@@ -252,8 +274,9 @@ class Generator:
         return wave
 
     def _shared_projections(self, parent):
-        """One matrix multiply for all dense/broadcast synapses reading the same vector error."""
-        if self.plan.site(parent).layout.kind != "vector":
+        """One matrix multiply for all dense/broadcast synapses reading the same vector error
+        (not when the children live on different devices)."""
+        if self.plan.site(parent).layout.kind != "vector" or self.place:
             return
         group = [e for e in self.plan.edges if e.parent == parent and
                  isinstance(self.synapses[e.key], syn.Synapse) and
@@ -301,13 +324,14 @@ class Generator:
     def _site_updates(self, site):
         region = set(site.region)
         self.src.comment(f"site {site.name}: local updates of {', '.join(site.ops) or 'nothing'}")
-        cot = {site.name: f"err_{site.name}"}
+        err = self._on(f"err_{site.name}", 0, self._dev(site.name))    # updates run at home
+        cot = {site.name: err}
         defined = set()
         if site.kind == "activation":
-            start = f"err_{site.name}"
+            start = err
             if self.o["local_rule"] == "dx":
-                start = f"err_{site.name} * {self._phi_prime(site, site.h)}"
-            self._cot(site.h, start, defined, [f"err_{site.name}", site.h])
+                start = f"{err} * {self._phi_prime(site, site.h)}"
+            self._cot(site.h, start, defined, [err, site.h])
         for name in reversed(site.region):
             node = self.nodes[name]
             c = f"cot_{name}" if name in defined else cot.get(name)
@@ -419,28 +443,32 @@ class Generator:
         sign, which = rules.ERROR_RULES[self.o["error_rule"]]
         for edge in self.plan.edges:
             i, site = edge.child, self.plan.site(edge.child)
+            k = self._dev(i)                                  # on the child's device
             if which == "d":
                 c, uses = f"disp_{i}", [f"disp_{i}"]
             elif which == "z":
-                c, uses = i, [i]
+                z = self._on(i, k, 0)
+                c, uses = z, [z]
             elif site.kind != "activation":                   # phi = identity: phi' = 1
                 c, uses = f"err_{i}", [f"err_{i}"]
             else:
-                pre = f"torch.sub({site.h}, disp_{i}, alpha={self.o['beta']!r})"
+                h = self._on(site.h, k, 0)
+                pre = f"torch.sub({h}, disp_{i}, alpha={self.o['beta']!r})"
                 c = f"err_{i} * {self._phi_prime(site, pre)}"
-                uses = [f"err_{i}", site.h, f"disp_{i}"]
+                uses = [f"err_{i}", h, f"disp_{i}"]
+            err_parent = self._on(f"err_{edge.parent}", k, self._dev(edge.parent))
             module = self.glob(self.synapses[edge.key], f"syn_{edge.key}")
             target = f"synapse_grads_{edge.key}"
             self.src.comment(f"error synapse {edge.parent} -> {i} ({self.o['error_rule']})")
-            shared = self._linear_grads.get((i, f"err_{edge.parent}"))
+            shared = self._linear_grads.get((i, f"err_{edge.parent}")) if k == 0 else None
             if which == "z" and edge.synapse == "dense" and shared is not None:
                 # z_i^T e_j is the transpose of the weight update of the Linear that reads z_i
                 # and whose output error is e_j: reuse it instead of a second matmul
                 self.src.add(f"{target} = [{shared}['weight'].t().contiguous()]", [target],
                              [shared])
             else:
-                self.src.add(f"{target} = syn.weight_grads({module}, err_{edge.parent}, {c})",
-                             [target], uses + [f"err_{edge.parent}"])
+                self.src.add(f"{target} = syn.weight_grads({module}, {err_parent}, {c})",
+                             [target], uses + [err_parent])
             for k, (pname, _) in enumerate(self.synapses[edge.key].named_parameters()):
                 self.update_names.append((f"synapses.{edge.key}.{pname}", f"{target}[{k}]",
                                           target))
@@ -467,9 +495,10 @@ class Generator:
         self.src.add("torch._foreach_mul_(updates, [s / batch for s in SCALES])", [],
                      ["updates", "batch"])
         self.env["SCALES"] = [scale[n] for n, _, _ in self.update_names]
-        errors = ", ".join(f"{s.name!r}: err_{s.name}" for s in self.plan.sites)
+        home = {s.name: self._on(f"err_{s.name}", 0, self._dev(s.name)) for s in self.plan.sites}
+        errors = ", ".join(f"{s!r}: {e}" for s, e in home.items())
         self.src.add(f"return loss_{outputs[0]}, {{{errors}}}, updates", [],
-                     [f"loss_{outputs[0]}", "updates"] + [f"err_{s.name}" for s in self.plan.sites])
+                     [f"loss_{outputs[0]}", "updates"] + list(home.values()))
         inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder" and not n.args]
         self.env["NO_REDUCE"] = NO_REDUCE
         header = [f"def rec_lra_updates({', '.join(inputs)}, labels, reduce=NO_REDUCE):",

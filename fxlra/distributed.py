@@ -94,10 +94,10 @@ class Reducer:
             self._launch()
 
     def _launch(self):
-        by_dtype = {}
+        groups = {}
         for t in self.pending:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for tensors in by_dtype.values():
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        for tensors in groups.values():
             flat = torch.cat([t.reshape(-1) for t in tensors])
             handle = dist.all_reduce(flat, group=self.group, async_op=True)
             self.inflight.append((handle, flat, tensors))

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import (analysis, codegen, health, passes, paths, reference, rules, synapses as syn, trace,
-               wiring as wiring_mod)
+from . import (analysis, codegen, health, passes, paths, placement, reference, rules, shapes,
+               synapses as syn, trace, wiring as wiring_mod)
 from .errors import InputError, OptionError, WiringError
 from .plan import Edge, Plan
 
@@ -60,6 +60,8 @@ class Program(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         if self._built_for is not None and \
                 next(self.parameters()).device != self._built_for[0]:
+            self.options.pop("placement", None)      # everything is on one device now
+            self.options.pop("devices", None)
             self._build()
         return out
 
@@ -198,7 +200,7 @@ class Program(nn.Module):
         policy = health.NONFINITE[self.options["nonfinite"]]
         with torch.no_grad():
             error_norms = torch.stack(torch._foreach_norm(list(errors.values())))
-            update_norms = torch.stack(torch._foreach_norm(updates)) if updates else None
+            update_norms = _stacked_norms(updates, loss.device) if updates else None
             host = health.host_norms(loss, error_norms, update_norms) if policy else None
             if policy and not health.all_finite(host):
                 snapshot.restore()
@@ -226,6 +228,20 @@ class Program(nn.Module):
 
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def _stacked_norms(tensors, device):
+    """Frobenius norms of tensors that may live on several devices, stacked on ``device``."""
+    norms = torch._foreach_norm(tensors)
+    if any(n.device != device for n in norms):
+        norms = [n.to(device) for n in norms]
+    return torch.stack(norms)
+
+
+def _features(gm, name):
+    """Features per sample of a node's value (its size without the batch dimension)."""
+    shape = shapes.shape_of(next(n for n in gm.graph.nodes if n.name == name)) or (1, 1)
+    return int(torch.Size(shape[1:]).numel())
 
 
 def _kernels_available(device):
@@ -272,7 +288,7 @@ def _build_edges(plan_sites, graph, overrides, std):
 def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1, gamma=1.0,
             alpha=1.0, kappa=1.0, error_rule="hebbian-z", local_rule="hebbian", clip=1.0,
             error_init_std=0.05, synapses=None, leaf_modules=(), concrete_args=None,
-            example_inputs=None, nonfinite="raise", max_skips=10, kernels="auto"):
+            example_inputs=None, nonfinite="raise", max_skips=10, kernels="auto", devices=None):
     """Trace ``model``, find its error sites, wire them, and return a :class:`Program`.
 
     See the README for every option and the paper's value of each in each experiment.
@@ -280,6 +296,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     rules.check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
                         error_init_std)
     health.check_options(nonfinite, max_skips)
+    devices = placement.check_devices(devices)
     if kernels not in KERNEL_CHOICES:
         raise OptionError(f"kernels={kernels!r} is not supported; choose one of "
                           f"{list(KERNEL_CHOICES)}")
@@ -294,7 +311,15 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
                    error_rule=error_rule, local_rule=local_rule, clip=clip,
                    nonfinite=nonfinite, max_skips=max_skips, kernels=kernels)
     like = next(model.parameters(), torch.empty(0))
+    if devices is not None:
+        if devices[0] != like.device:
+            raise OptionError(f"devices[0] is {devices[0]} but the model is on {like.device}; the "
+                              "first device is the model's (its forward and updates run there)")
+        sizes = {site.name: _features(gm, site.name) for site in sites}
+        options.update(devices=devices, placement=placement.place(plan, sizes, len(devices)))
+    for e in plan.edges:              # each error synapse on its child's device
+        k = (options.get("placement") or {}).get(e.child, 0)
+        modules[e.key].to(device=devices[k] if k else like.device, dtype=like.dtype)
     prog = Program(model, gm, plan, graph, modules, options)
-    prog.synapses.to(device=like.device, dtype=like.dtype)
     prog.train(model.training)
     return prog
