@@ -58,6 +58,9 @@ def check_batch(x, y, out_layout, loss):
         raise InputError("inputs contain NaN or infinity")
     if not isinstance(y, torch.Tensor):
         raise InputError(f"labels must be a tensor, got {type(y).__name__}")
+    if y.dtype == torch.bool or y.is_complex():
+        raise InputError(f"labels have dtype {y.dtype}; pass class labels as integers "
+                         "(torch.long) of shape (B,) or float targets shaped like the output")
     batch, classes = x.shape[0], out_layout.channels
     if y.shape[:1] != (batch,):
         raise InputError(f"labels have shape {tuple(y.shape)} but the batch has {batch} samples; "
@@ -96,7 +99,8 @@ def targets_for(v, y, loss):
         if v.dim() != 2 or y.shape != v.shape[:1]:
             raise InputError(f"class labels of shape {tuple(y.shape)} do not fit an output of "
                              f"shape {tuple(v.shape)}")
-        return torch.zeros_like(v).scatter_(1, y.unsqueeze(1), 1.0)
+        index = y if y.dtype in (torch.int64, torch.int32) else y.long()   # uint8, int16, ...
+        return torch.zeros_like(v).scatter_(1, index.unsqueeze(1), 1.0)
     if y.shape != v.shape:
         raise InputError(f"targets of shape {tuple(y.shape)} do not match the output's shape "
                          f"{tuple(v.shape)}; pass class labels of shape ({v.shape[0]},) or "

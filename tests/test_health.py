@@ -170,3 +170,23 @@ def test_finite_inputs_whose_sum_overflows_are_not_called_non_finite():
     big[1, 2] = float("inf")
     assert not all_finite(big)
     assert not all_finite(torch.tensor([1.0, float("nan")]))
+
+
+@pytest.mark.parametrize("labels, ok", [
+    (torch.tensor([0, 1, 2, 1], dtype=torch.uint8), True),
+    (torch.tensor([0, 1, 2, 1], dtype=torch.int16), True),
+    (torch.tensor([True, False, True, False]), False),
+    (torch.zeros(4, 3, dtype=torch.complex64), False)])
+def test_label_dtypes(labels, ok):
+    """Any integer dtype is a class index; bool and complex labels are input errors."""
+    prog = fxlra.compile(make_mlp(n_in=4, widths=(5,), n_out=3))
+    x = torch.randn(4, 4)
+    if ok:
+        prog.step(x, labels)
+        reference = fxlra.compile(make_mlp(n_in=4, widths=(5,), n_out=3))
+        reference.load_state_dict(prog.state_dict())
+        assert torch.equal(prog.updates(x, labels)["model.2.weight"],
+                           reference.updates(x, labels.long())["model.2.weight"])
+    else:
+        with pytest.raises(fxlra.InputError, match=f"labels have dtype {labels.dtype}"):
+            prog.step(x, labels)
