@@ -1,0 +1,208 @@
+"""The update stage of the generated program: each site's local updates (its error carried back
+through shape-changing ops to every parametrised op it owns, then that op's weight-gradient), the
+error-synapse updates, and the hand-off of finished updates to ``reduce``. A mixin of
+``fxlra.codegen.Generator``, which holds the source, the names and the globals it uses.
+"""
+import operator
+
+import torch
+from torch import fx
+
+from . import local, ops, rules, shapes
+
+# rules whose weight-gradient fxlra.kernels computes in one fused Triton kernel (same signature)
+KERNEL_GRADS = ("perturbative",)
+
+
+class UpdateStage:
+    """The updates stage of ``Generator`` (it provides ``src``, ``glob``, ``fmt``, ``plan``...)."""
+
+    def updates(self):
+        for site in self.plan.sites:
+            start = len(self.update_names)
+            self._site_updates(site)
+            self._ready(start)
+        start = len(self.update_names)
+        self._synapse_updates()
+        self._ready(start)
+
+    def _ready(self, start):
+        """Hand finished updates to ``reduce`` (a no-op unless data-parallel), so that their
+        communication starts while later updates are still computed."""
+        done = self.update_names[start:]
+        if done:
+            self.src.add(f"reduce.ready([{', '.join(e for _, e, _ in done)}])", [],
+                         [t for _, _, t in done])
+
+    def _phi_prime(self, site, value):
+        name = site.activation
+        if name in local.DERIVATIVES:
+            fn = self.glob(local.DERIVATIVES[name], f"phi_prime_{name}")
+            return f"{fn}({self.opcall(self.nodes[site.name])}, {value})"
+        derivative = ops.activation_derivative(self.nodes[site.name], self.modules)
+        if derivative is not None:
+            return f"{self.glob(derivative, 'derivative_' + name)}({value})"
+        fn = self.glob(_jvp_derivative, "jvp_derivative")
+        return f"{fn}({self.opcall(self.nodes[site.name])}, {value})"
+
+    def _site_updates(self, site):
+        region = set(site.region)
+        self.src.comment(f"site {site.name}: local updates of {', '.join(site.ops) or 'nothing'}")
+        err = self._on(f"err_{site.name}", 0, self._dev(site.name))    # updates run at home
+        cot = {site.name: err}
+        defined = set()
+        if site.kind == "activation":
+            start = err
+            if self.o["local_rule"] == "dx":
+                start = f"{err} * {self._phi_prime(site, site.h)}"
+            self._cot(site.h, start, defined, [err, site.h])
+        for name in reversed(site.region):
+            node = self.nodes[name]
+            c = f"cot_{name}" if name in defined else cot.get(name)
+            if c is None:
+                continue
+            if node in self._param_ops:
+                self._param_update(node, c)
+            if name == site.name and site.kind == "activation":
+                continue
+            self._carry(node, c, region, defined)
+
+    def _cot(self, name, expr, defined, uses):
+        if name in defined:
+            self.src.add(f"cot_{name} = cot_{name} + {expr}", [f"cot_{name}"],
+                         uses + [f"cot_{name}"])
+        else:
+            self.src.add(f"cot_{name} = {expr}", [f"cot_{name}"], uses)
+            defined.add(name)
+            if expr.isidentifier():                      # a plain alias of another error value
+                self._alias[f"cot_{name}"] = self._alias.get(expr, expr)
+
+    def _carry(self, node, c, region, defined):
+        inputs = [a for a in node.all_input_nodes if a.name in region]
+        if not inputs:
+            return
+        signs = ops.pass_through_signs(node, self.modules)
+        if signs is not None:
+            for k, a in enumerate(node.args[:len(signs)]):
+                if isinstance(a, fx.Node) and a.name in region:
+                    expr = c if signs[k] == 1 else f"-{c}"
+                    if shapes.shape_of(a) != shapes.shape_of(node):
+                        expr = f"local.reduce_to({expr}, {a.name}.shape)"
+                    self._cot(a.name, expr, defined, [c, a.name])
+            return
+        if node.op == "call_function" and node.target is operator.getitem and \
+                shapes.shape_of(node.args[0]) is None:
+            self._cot(node.args[0].name, f"{{{node.args[1]!r}: {c}}}", defined, [c])
+            return
+        if node.op == "call_function" and node.target in local.CAT_FUNCTIONS:
+            tensors = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            listed = "[" + ", ".join(t.name for t in tensors) + "]"
+            for k, t in enumerate(tensors):
+                if t.name in region:
+                    self._cot(t.name, f"local.cat_part({c}, {dim}, {listed}, {k})", defined,
+                              [c] + [u.name for u in tensors])
+            return
+        self.opcall(node)
+        rule = local.lookup(local.CARRY_MODULES, local.CARRY_FUNCTIONS, local.CARRY_METHODS,
+                            self._opcalls[node.name])
+        x = node.args[0]
+        if rule is not None and len(inputs) == 1 and inputs[0] is x:
+            fn = self.glob(rule, f"carry{rule.__name__}")
+            self._cot(x.name, f"{fn}({self.opcall(node)}, {x.name}, {c})", defined, [c, x.name])
+            return
+        self.fallbacks.append(node.name)
+        leaves = _leaves(node)
+        wrt = [k for k, a in enumerate(leaves) if isinstance(a, fx.Node) and a.name in region]
+        outs = [f"vjp_{node.name}_{k}" for k in range(len(wrt))]
+        self.src.add(f"{', '.join(outs)}, = local.local_vjp({self.opcall(node)}, "
+                     f"{self._call_form(node)}, {c}, {wrt})", outs,
+                     [c] + [a.name for a in node.all_input_nodes])
+        for out, k in zip(outs, wrt):
+            self._cot(leaves[k].name, out, defined, [out])
+
+    def _call_form(self, node):
+        """``[args], {kwargs}`` of a node, as source."""
+        args = "[" + ", ".join(self.fmt(a) for a in node.args) + "]"
+        return f"{args}, {self.fmt(dict(node.kwargs))}"
+
+    def _param_update(self, node, c):
+        names = self._param_ops[node]
+        target = f"grads_{node.name}"
+        if node.op == "call_module" and self._rule(node) in local.MODULE_GRADS:
+            fn = local.MODULE_GRADS[self._rule(node)]
+            module = self.glob(self.modules[node.target], "m_" + node.target)
+            x = node.args[0].name
+            owner = "local"
+            if self.o.get("use_kernels") and self._rule(node) in KERNEL_GRADS:
+                owner = self.glob(self._kernels(), "kernels")     # the fused Triton update
+            self.src.add(f"{target} = {owner}.{fn.__name__}({module}, {x}, {c})", [target],
+                         [c, x])
+            keys = [n[len(node.target) + 1:] for n in names]
+            if fn is local.linear_grads:
+                self._linear_grads[(x, self._alias.get(c, c))] = target
+        elif node.op == "call_module":
+            self.fallbacks.append(node.name)
+            module = self.glob(self.modules[node.target], "m_" + node.target)
+            uses = [a.name for a in node.all_input_nodes]
+            self.src.add(f"{target} = local.module_param_vjp({module}, {self._call_form(node)}, "
+                         f"{c})", [target], uses + [c])
+            keys = [n[len(node.target) + 1:] for n in names]
+        else:
+            self.fallbacks.append(node.name)
+            where = {a.target: k for k, a in enumerate(_leaves(node))
+                     if isinstance(a, fx.Node) and a.op == "get_attr"}
+            wrt = [where[n] for n in names]
+            uses = [a.name for a in node.all_input_nodes]
+            self.src.add(f"{target} = local.local_vjp({self.opcall(node)}, "
+                         f"{self._call_form(node)}, {c}, {wrt})", [target], uses + [c])
+            keys = list(range(len(names)))
+        for key, qual in zip(keys, names):
+            self.update_names.append((f"model.{qual}", f"{target}[{key!r}]", target))
+
+    def _rule(self, node):
+        return next(r.rule for r in self.plan.params if r.op == node.name)
+
+    def _synapse_updates(self):
+        sign, which = rules.ERROR_RULES[self.o["error_rule"]]
+        for edge in self.plan.edges:
+            i, site = edge.child, self.plan.site(edge.child)
+            k = self._dev(i)                                  # on the child's device
+            if which == "d":
+                c, uses = f"disp_{i}", [f"disp_{i}"]
+            elif which == "z":
+                z = self._on(i, k, 0)
+                c, uses = z, [z]
+            elif site.kind != "activation":                   # phi = identity: phi' = 1
+                c, uses = f"err_{i}", [f"err_{i}"]
+            else:
+                h = self._on(site.h, k, 0)
+                pre = f"torch.sub({h}, disp_{i}, alpha={self.o['beta']!r})"
+                c = f"err_{i} * {self._phi_prime(site, pre)}"
+                uses = [f"err_{i}", h, f"disp_{i}"]
+            err_parent = self._on(f"err_{edge.parent}", k, self._dev(edge.parent))
+            module = self.glob(self.synapses[edge.key], f"syn_{edge.key}")
+            target = f"synapse_grads_{edge.key}"
+            self.src.comment(f"error synapse {edge.parent} -> {i} ({self.o['error_rule']})")
+            shared = self._linear_grads.get((i, f"err_{edge.parent}")) if k == 0 else None
+            if which == "z" and edge.synapse == "dense" and shared is not None:
+                # z_i^T e_j is the transpose of the weight update of the Linear that reads z_i
+                # and whose output error is e_j: reuse it instead of a second matmul
+                self.src.add(f"{target} = [{shared}['weight'].t().contiguous()]", [target],
+                             [shared])
+            else:
+                self.src.add(f"{target} = syn.weight_grads({module}, {err_parent}, {c})",
+                             [target], uses + [err_parent])
+            for k, (pname, _) in enumerate(self.synapses[edge.key].named_parameters()):
+                self.update_names.append((f"synapses.{edge.key}.{pname}", f"{target}[{k}]",
+                                          target))
+
+
+def _leaves(node):
+    """The flattened (args, kwargs) of a node; local_vjp differentiates leaves by position."""
+    return torch.utils._pytree.tree_flatten((node.args, node.kwargs))[0]
+
+
+def _jvp_derivative(call, h):
+    """phi'(h) for an elementwise activation without a listed derivative (forward-mode)."""
+    return torch.func.jvp(call.apply_to, (h,), (torch.ones_like(h),))[1]
