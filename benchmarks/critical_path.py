@@ -9,6 +9,7 @@ the error graph, backprop's backward as deep as the network.
 import argparse
 import json
 
+import torch
 import torchvision
 
 import fxlra
@@ -24,6 +25,9 @@ CASES = [  # name, model factory, compile options
      dict(wiring="residual", depth=3)),
     ("pResNet-18 32x32, residual", lambda: models.presnet18(),
      dict(wiring="residual", leaf_modules=LEAF_MODULES)),
+    ("locally connected CNN 32x32, skip(2)", lambda: models.lcnet(),
+     dict(wiring=fxlra.wiring.skip(2), leaf_modules=LEAF_MODULES,
+          example_inputs=torch.zeros(2, 3, 32, 32))),
     ("ResNet-18 224x224, residual", lambda: models.resnet18(), dict(wiring="residual")),
     ("ResNet-50 224x224, residual", lambda: torchvision.models.resnet50(),
      dict(wiring="residual")),
