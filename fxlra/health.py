@@ -58,7 +58,8 @@ def host_norms(loss, error_norms, update_norms):
     return torch.cat(parts).tolist()
 
 
-def all_finite(values):
+def finite(values):
+    """Whether every host value (from ``host_norms``) is finite."""
     return all(map(math.isfinite, values))
 
 

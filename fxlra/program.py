@@ -34,7 +34,7 @@ class Program(nn.Module):
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "_wiring", graph)
         self.options = dict(options)
-        self._built_for = None
+        self._built_for = None      # the device the update program was generated for
         self._build()
         object.__setattr__(self, "_by_name", dict(self.named_parameters()))
         inputs = [n for n in graph_module.graph.nodes if n.op == "placeholder" and not n.args]
@@ -52,14 +52,13 @@ class Program(nn.Module):
         self._generated, self._code, self._update_names, self.fallbacks, self._stages = \
             codegen.build(self.graph_module, self.plan, dict(self.synapses.items()),
                           dict(self.options, use_kernels=use))
-        self._built_for = (device, use)
+        self._built_for = device
 
     def _apply(self, fn, *args, **kwargs):
         """``prog.to(device)``, ``.cuda()``, ``.double()``...: regenerate when the device changes
         (the kernel path depends on it)."""
         out = super()._apply(fn, *args, **kwargs)
-        if self._built_for is not None and \
-                next(self.parameters()).device != self._built_for[0]:
+        if self._built_for is not None and next(self.parameters()).device != self._built_for:
             self.options.pop("placement", None)      # everything is on one device now
             self.options.pop("devices", None)
             self._build()
@@ -202,7 +201,7 @@ class Program(nn.Module):
             error_norms = torch.stack(torch._foreach_norm(list(errors.values())))
             update_norms = _stacked_norms(updates, loss.device) if updates else None
             host = health.host_norms(loss, error_norms, update_norms) if policy else None
-            if policy and not health.all_finite(host):
+            if policy and not health.finite(host):
                 snapshot.restore()
                 site, what = health.first_bad_site(self.plan, loss, errors, error_norms,
                                                    self._update_names, updates, update_norms)

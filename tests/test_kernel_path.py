@@ -83,4 +83,4 @@ def test_moving_the_program_regenerates_it_for_the_new_device():
     prog.double()                                    # same device: nothing to regenerate
     assert prog._generated is first
     prog.to("meta")
-    assert prog._generated is not first and prog._built_for[0].type == "meta"
+    assert prog._generated is not first and prog._built_for.type == "meta"
