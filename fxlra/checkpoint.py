@@ -22,7 +22,8 @@ from .errors import CheckpointError
 
 FORMAT = "fxlra-checkpoint-1"
 # options that change how a run reacts, not what it computes: a run may resume with others
-RUNTIME_OPTIONS = ("nonfinite", "max_skips", "kernels", "devices", "placement")
+RUNTIME_OPTIONS = ("nonfinite", "max_skips", "kernels", "devices", "placement", "streams",
+                   "cuda_graph")
 SAFE_TYPES = (torch.Tensor, str, int, float, bool, type(None), torch.dtype, torch.device,
               torch.Size)
 

@@ -12,44 +12,20 @@ import linecache
 import operator
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-from . import local, rules, synapses as syn
+from . import local, rules, streams, synapses as syn
 from .codegen_updates import UpdateStage
 from .nn import PerturbativeConv2d
+from .source import Source
 
 
 def _is_simple(value):
     return value is None or isinstance(value, (bool, int, float, str)) or value is Ellipsis
-
-
-class _Source:
-    """Statements with the variables each defines and uses, for freeing after last use."""
-
-    def __init__(self):
-        self.rows = []
-
-    def add(self, text, defs=(), uses=()):
-        self.rows.append((text, tuple(defs), tuple(uses)))
-
-    def comment(self, text):
-        self.rows.append((f"# {text}", (), ()))
-
-    def render(self, keep):
-        last = {}
-        for k, (_, defs, uses) in enumerate(self.rows):
-            for v in defs + uses:
-                last[v] = k
-        lines = []
-        for k, (text, _, _) in enumerate(self.rows):
-            lines.append("    " + text)
-            dead = sorted(v for v, at in last.items() if at == k and v not in keep)
-            if dead and not text.startswith("return "):
-                lines.append(f"    del {', '.join(dead)}")
-        return lines
 
 
 class Generator(UpdateStage):
@@ -64,7 +40,7 @@ class Generator(UpdateStage):
         self.env = {"torch": torch, "operator": operator, "F": F, "local": local,
                     "rules": rules, "syn": syn}
         self._global_ids = {}
-        self.src = _Source()
+        self.src = Source()
         self.fallbacks = []              # op names that use torch.func on one op
         self._shared = {}                # edge key -> (shared projection part, synapse kind)
         self.update_names = []           # (parameter name, expression, variable) in order
@@ -177,6 +153,7 @@ class Generator(UpdateStage):
     def errors(self):
         o = self.o
         for name in self.plan.outputs:
+            self.src.begin(f"error_{name}", pinned=True)
             self.src.comment(f"site {name} (output): e = "
                              f"{'softmax(v) - onehot(y)' if o['loss'] == 'cross_entropy' else 'v - y'}")
             self.src.add(f"target_{name} = rules.targets_for({name}, labels, {o['loss']!r})",
@@ -189,6 +166,7 @@ class Generator(UpdateStage):
         for i in self.plan.error_order():
             if i in self.plan.outputs:
                 continue
+            self.src.begin(f"error_{i}")
             if wave[i] != wave.get(last):
                 peers = [s for s in self.plan.error_order() if wave.get(s) == wave[i]]
                 note = " (independent: their parents are in earlier waves)" if peers[1:] else ""
@@ -306,11 +284,12 @@ class Generator(UpdateStage):
         for stage in (self.forward, self.errors, self.updates):
             start = len(self.src.rows)
             stage()
-            self.stages[stage.__name__] = [(d, u) for _, d, u in self.src.rows[start:]]
+            self.stages[stage.__name__] = [(r.defs, r.uses) for r in self.src.rows[start:]]
         sign, _ = rules.ERROR_RULES[self.o["error_rule"]]
         scale = {n: (sign * self.o["gamma"] if n.startswith("synapses.") else 1.0)
                  for n, _, _ in self.update_names}
         outputs = self.plan.outputs
+        self.src.begin("scale", pinned=True)
         self.src.comment("raw updates, averaged over the batch (one multi-tensor scale)")
         self.src.add(f"batch = {outputs[0]}.shape[0]", ["batch"], [outputs[0]])
         self.src.add("updates = [" + ", ".join(e for _, e, _ in self.update_names) + "]",
@@ -328,7 +307,16 @@ class Generator(UpdateStage):
         header = [f"def rec_lra_updates({', '.join(inputs)}, labels, reduce=NO_REDUCE):",
                   f'    """rec-LRA updates for {type(self.gm).__name__}: {len(self.plan.sites)} '
                   f'sites, {len(self.plan.edges)} error synapse(s), wiring {self.plan.wiring}."""']
-        body = self.src.render(keep=set())
+        rows, self.schedule = self.src.rows, None
+        n = self.o.get("streams", 1)
+        if n > 1:
+            self.schedule = streams.schedule(rows, self.src.blocks, n, inputs + ["labels"])
+            problems = streams.verify(rows, self.schedule)
+            assert not problems, problems
+            rows = streams.render_rows(rows, self.src.blocks, self.schedule)
+            self.env["ST"] = self.o["stream_runtime"]
+        self.rows = tuple(rows)
+        body = self.src.render(rows)
         return "\n".join(header + body) + "\n", [n for n, _, _ in self.update_names]
 
 
@@ -358,10 +346,23 @@ class NoReduce:
 NO_REDUCE = NoReduce()
 
 
+@dataclass(frozen=True)
+class Built:
+    """A generated update program: the function, its source, the names of the updates it
+    returns (in order), the ops that fall back to torch.func, the (defs, uses) of each stage's
+    statements (for ``fxlra.paths``), and its stream schedule (None on one stream)."""
+    function: object
+    code: str
+    update_names: list
+    fallbacks: tuple
+    stages: dict
+    schedule: object
+    rows: tuple         # the statements (fxlra.source.Row), stream statements included
+    blocks: tuple       # the blocks the rows belong to (fxlra.source.Block)
+
+
 def build(gm, plan, synapse_modules, options):
-    """Generate, register and compile the update function. Returns the function, its source,
-    the names of the updates it returns (in order), the ops that fall back to torch.func, and
-    the (defs, uses) of each stage's statements (for ``fxlra.paths``)."""
+    """Generate, register and compile the update function (a :class:`Built`)."""
     gen = Generator(gm, plan, synapse_modules, options)
     source, names = gen.generate()
     digest = int(hashlib.sha1(source.encode()).hexdigest()[:8], 16)
@@ -374,4 +375,5 @@ def build(gm, plan, synapse_modules, options):
             f.write(source)
     namespace = dict(gen.env)
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 (our own generated source)
-    return namespace["rec_lra_updates"], source, names, tuple(gen.fallbacks), gen.stages
+    return Built(namespace["rec_lra_updates"], source, names, tuple(gen.fallbacks), gen.stages,
+                 gen.schedule, gen.rows, tuple(gen.src.blocks))

@@ -19,11 +19,14 @@ class UpdateStage:
 
     def updates(self):
         for site in self.plan.sites:
+            self.src.begin(f"update_{site.name}")
             start = len(self.update_names)
             self._site_updates(site)
             self._ready(start)
         start = len(self.update_names)
         self._synapse_updates()
+        if self.update_names[start:]:
+            self.src.begin("ready_synapses")
         self._ready(start)
 
     def _ready(self, start):
@@ -166,6 +169,7 @@ class UpdateStage:
     def _synapse_updates(self):
         sign, which = rules.ERROR_RULES[self.o["error_rule"]]
         for edge in self.plan.edges:
+            self.src.begin(f"synapse_{edge.key}")
             i, site = edge.child, self.plan.site(edge.child)
             k = self._dev(i)                                  # on the child's device
             if which == "d":

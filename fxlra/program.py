@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import (analysis, codegen, health, passes, paths, placement, reference, rules, shapes,
-               synapses as syn, trace, wiring as wiring_mod)
+from . import (analysis, codegen, graphs, health, passes, paths, placement, reference, rules,
+               shapes, streams, synapses as syn, trace, wiring as wiring_mod)
 from .errors import InputError, OptionError, WiringError
 from .plan import Edge, Plan
 
@@ -49,9 +49,18 @@ class Program(nn.Module):
         (``kernels="auto"``) or wherever they can run (``"triton"``), torch ops otherwise."""
         device = next(self.parameters()).device
         use = _use_kernels(self.options["kernels"], device)
-        self._generated, self._code, self._update_names, self.fallbacks, self._stages = \
-            codegen.build(self.graph_module, self.plan, dict(self.synapses.items()),
-                          dict(self.options, use_kernels=use))
+        n = streams.resolve(self.options["streams"], device, "placement" in self.options)
+        self._streams = streams.runtime(device, n)
+        backend = graphs.backend_for(device) if self.options["cuda_graph"] else None
+        self._graphs = graphs.GraphCache(backend) if backend is not None else None
+        built = codegen.build(self.graph_module, self.plan, dict(self.synapses.items()),
+                              dict(self.options, use_kernels=use, streams=n,
+                                   stream_runtime=self._streams))
+        self._generated, self._code, self._update_names = built.function, built.code, \
+            built.update_names
+        self.fallbacks, self._stages, self.schedule = built.fallbacks, built.stages, \
+            built.schedule
+        self._built = built             # its statements by block, for checks
         self._built_for = device
 
     def _apply(self, fn, *args, **kwargs):
@@ -62,6 +71,8 @@ class Program(nn.Module):
             self.options.pop("placement", None)      # everything is on one device now
             self.options.pop("devices", None)
             self._build()
+        elif getattr(self, "_graphs", None) is not None:   # graphs would read the old tensors
+            self._graphs = graphs.GraphCache(self._graphs.backend)
         return out
 
     def get_extra_state(self):
@@ -167,25 +178,40 @@ class Program(nn.Module):
             updates.update({f"synapses.{key}.{n}": u for n, u in per_param.items()})
         return {n: updates[n] for n, _ in self.named_parameters() if n in updates}
 
-    def _run(self, x, y, reduce=None):
-        """Run the update program; on failure, restore the buffers the forward wrote and turn
-        a failure caused by the batch's shape or dtype into an InputError."""
+    def _run(self, x, y, reduce=None, step=False):
+        """Run the update program (for a step: replayed as a CUDA graph with ``cuda_graph=True``,
+        and with the norms of the errors and updates); on failure, restore the buffers the
+        forward wrote and turn a failure caused by the batch's shape or dtype into an
+        InputError. Returns (loss, errors, updates, error norms, update norms), snapshot."""
         inputs = self._check_input(x, y)
-        snapshot = health.BufferSnapshot(health.mutable_buffers(self.model))
+        graphed = step and self.options["cuda_graph"]
+        if graphed:
+            graphs.check_usable(self)
+        buffers = health.mutable_buffers(self.model)
+        snapshot = health.BufferSnapshot(buffers)
         try:
-            with torch.no_grad():
-                loss, errors, updates = self._generated(*inputs, y, reduce or codegen.NO_REDUCE)
+            with torch.no_grad(), self._streams.guard():
+                if graphed:
+                    out = self._graphs.run(self._program_with_norms, inputs, y, self.training,
+                                           buffers)
+                else:
+                    out = self._generated(*inputs, y, reduce or codegen.NO_REDUCE)
+                    out = _with_norms(*out) if step else out + (None, None)
         except RuntimeError as exc:
             snapshot.restore()
             mismatch = health.input_mismatch(self._input_meta, inputs[0], exc)
             if mismatch is not None:
                 raise mismatch from exc
             raise
-        return loss, errors, updates, snapshot
+        return out, snapshot
+
+    def _program_with_norms(self, *args):
+        """The program's outputs and the norms of its errors and updates (what is captured)."""
+        return _with_norms(*self._generated(*args))
 
     def updates(self, x, y):
         """The raw rec-LRA updates (before re-projection), keyed by ``named_parameters()``."""
-        _, _, updates, _ = self._run(x, y)
+        (_, _, updates, _, _), _ = self._run(x, y)
         found = dict(zip(self._update_names, updates))
         return {n: found[n] for n, _ in self.named_parameters() if n in found}
 
@@ -195,11 +221,13 @@ class Program(nn.Module):
         Nothing changes (parameters, ``.grad``, buffers) if the loss, an error or an update is
         not finite: the step raises ``NumericalError`` or, with ``nonfinite="skip"``, returns a
         result with ``skipped=True``."""
-        loss, errors, updates, snapshot = self._run(x, y, self.reducer)
+        (loss, errors, updates, error_norms, update_norms), snapshot = \
+            self._run(x, y, self.reducer, step=True)
         policy = health.NONFINITE[self.options["nonfinite"]]
+        graphed = self.options["cuda_graph"]     # outputs are overwritten by the next replay
         with torch.no_grad():
-            error_norms = torch.stack(torch._foreach_norm(list(errors.values())))
-            update_norms = _stacked_norms(updates, loss.device) if updates else None
+            if graphed:
+                loss, error_norms = loss.clone(), error_norms.clone()
             host = health.host_norms(loss, error_norms, update_norms) if policy else None
             if policy and not health.finite(host):
                 snapshot.restore()
@@ -215,7 +243,7 @@ class Program(nn.Module):
                 rules.reproject_known(updates, self.options["clip"], host[1 + len(errors):])
             else:
                 rules.reproject_all(updates, self.options["clip"], update_norms)
-            rules.accumulate_grads(params, updates)
+            rules.accumulate_grads(params, updates, copy=graphed)
         self.steps += 1
         self.skips = 0
         return StepResult(loss, self._discrepancies(errors, error_norms, x))
@@ -227,6 +255,13 @@ class Program(nn.Module):
 
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def _with_norms(loss, errors, updates):
+    """(loss, errors, updates, the errors' norms stacked, the updates' norms stacked or None)."""
+    error_norms = torch.stack(torch._foreach_norm(list(errors.values())))
+    update_norms = _stacked_norms(updates, loss.device) if updates else None
+    return loss, errors, updates, error_norms, update_norms
 
 
 def _stacked_norms(tensors, device):
@@ -263,6 +298,18 @@ def _use_kernels(choice, device):
                                   _kernels_available(device))
 
 
+def _check_streams(choice, devices, cuda_graph):
+    if choice != "auto" and (not isinstance(choice, int) or isinstance(choice, bool) or
+                             choice < 1):
+        raise OptionError(f"streams={choice!r} is not supported; pass 'auto' (4 CUDA streams on "
+                          "a GPU, 1 elsewhere) or the number of streams (an int >= 1)")
+    if isinstance(choice, int) and choice > 1 and devices is not None and len(devices) > 1:
+        raise OptionError(f"streams={choice} cannot be combined with devices= placement on "
+                          f"{len(devices)} devices; pass streams=1 or 'auto'")
+    if not isinstance(cuda_graph, bool):
+        raise OptionError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+
+
 def _build_edges(plan_sites, graph, overrides, std):
     """Edges of the error graph with their synapse modules, in a deterministic order."""
     index = {s.name: s for s in plan_sites}
@@ -287,7 +334,8 @@ def _build_edges(plan_sites, graph, overrides, std):
 def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1, gamma=1.0,
             alpha=1.0, kappa=1.0, error_rule="hebbian-z", local_rule="hebbian", clip=1.0,
             error_init_std=0.05, synapses=None, leaf_modules=(), concrete_args=None,
-            example_inputs=None, nonfinite="raise", max_skips=10, kernels="auto", devices=None):
+            example_inputs=None, nonfinite="raise", max_skips=10, kernels="auto", devices=None,
+            streams="auto", cuda_graph=False):
     """Trace ``model``, find its error sites, wire them, and return a :class:`Program`.
 
     See the README for every option and the paper's value of each in each experiment.
@@ -296,6 +344,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
                         error_init_std)
     health.check_options(nonfinite, max_skips)
     devices = placement.check_devices(devices)
+    _check_streams(streams, devices, cuda_graph)
     if kernels not in KERNEL_CHOICES:
         raise OptionError(f"kernels={kernels!r} is not supported; choose one of "
                           f"{list(KERNEL_CHOICES)}")
@@ -308,7 +357,8 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
                 wiring=name, blocks=site_graph.blocks).verify()
     options = dict(loss=loss, beta=beta, gamma=gamma, alpha=alpha, kappa=kappa,
                    error_rule=error_rule, local_rule=local_rule, clip=clip,
-                   nonfinite=nonfinite, max_skips=max_skips, kernels=kernels)
+                   nonfinite=nonfinite, max_skips=max_skips, kernels=kernels, streams=streams,
+                   cuda_graph=cuda_graph)
     like = next(model.parameters(), torch.empty(0))
     if devices is not None:
         if devices[0] != like.device:

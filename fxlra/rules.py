@@ -169,12 +169,13 @@ def reproject_known(updates, clip, norms):
     return updates
 
 
-def accumulate_grads(params, updates):
-    """Write updates into ``.grad``, adding (one multi-tensor pass) where a gradient is there."""
+def accumulate_grads(params, updates, copy=False):
+    """Write updates into ``.grad``, adding (one multi-tensor pass) where a gradient is there.
+    ``copy``: a new ``.grad`` never shares memory with its update (a replayed graph's output)."""
     grads, additions = [], []
     for p, u in zip(params, updates):
         if p.grad is None:
-            p.grad = u if u.dtype == p.dtype else u.to(p.dtype)
+            p.grad = u.to(p.dtype, copy=copy)
         else:
             grads.append(p.grad)
             additions.append(u.to(p.grad.dtype))

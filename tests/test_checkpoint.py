@@ -160,6 +160,9 @@ def test_options_are_part_of_the_fingerprint(tmp_path):
         fxlra.load(tmp_path / "o.pt", fxlra.compile(make_mlp(), beta=0.2))
     # how a run reacts to a non-finite step may change on resume (e.g. to skip a bad batch)
     fxlra.load(tmp_path / "o.pt", fxlra.compile(make_mlp(), beta=0.1, nonfinite="skip"))
+    # so may how it runs: kernels, streams, CUDA graphs
+    fxlra.load(tmp_path / "o.pt", fxlra.compile(make_mlp(), beta=0.1, kernels="torch",
+                                                 streams=3, cuda_graph=True))
 
 
 class Exploit:
