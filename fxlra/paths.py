@@ -34,3 +34,20 @@ def critical_paths(stages):
     return {"forward": forward, "rec_lra_errors": errors, "rec_lra_updates": updates,
             "rec_lra_after_forward": errors + updates, "backprop_backward": forward + 1,
             "rec_lra_step": forward + errors + updates, "backprop_step": 2 * forward + 1}
+
+
+def stream_span(rows, schedule):
+    """(work, span) of what follows the forward on a stream schedule, one unit per statement:
+    work is every statement of the blocks after the forward; span is when the last of them is
+    done if the streams run side by side, a block starting once its stream's previous block
+    and every block it waits on are done. work / span bounds what the streams can gain."""
+    size = [0] * len(schedule.streams)
+    for row in rows:
+        size[row.block] += not row.text.startswith(("#", "ST.", "ev_"))
+    finish, last_on = [0] * len(size), {}
+    for b, s in enumerate(schedule.streams):
+        start = max([finish[last_on[s]] if s in last_on else 0] +
+                    [finish[e] for e in schedule.waits[b]])
+        finish[b] = start + size[b]
+        last_on[s] = b
+    return sum(size) - size[0], max(finish) - size[0]

@@ -1,11 +1,16 @@
 """fxlra.paths: critical paths counted on the generated program. The error stage of a direct
 wiring does not grow with the network's depth; a pairwise chain's does; backprop's backward
 always does."""
+import dataclasses
+
 import pytest
 from torch import nn
 
 import fxlra
+from fxlra import paths
 from fxlra.paths import longest_chain
+
+from conftest import make_cnn
 
 
 def test_longest_chain_counts_dependent_statements_only():
@@ -36,3 +41,20 @@ def test_error_stage_depth_follows_the_error_graph(wiring):
     c = deep
     assert c["rec_lra_step"] == c["forward"] + c["rec_lra_errors"] + c["rec_lra_updates"]
     assert c["backprop_step"] == c["forward"] + c["backprop_backward"]
+
+
+def test_stream_span_of_a_schedule():
+    """One stream: the span is all the work. Four streams on a residual CNN: the work is the
+    same statements, the span is shorter but no shorter than a quarter of the work."""
+    prog = fxlra.compile(make_cnn(), wiring="residual", streams=4)
+    rows, sched = prog._built.rows, prog.schedule
+    work, span = paths.stream_span(rows, sched)
+    serial = dataclasses.replace(sched, streams=(0,) * len(sched.streams),
+                                 waits=((),) * len(sched.waits))
+    assert paths.stream_span(rows, serial) == (work, work)
+    assert work / 4 <= span < work
+    one = fxlra.compile(make_cnn(), wiring="residual", streams=1)
+    body = [line for line in one.code.splitlines()[2:]
+            if not line.strip().startswith(("#", "del "))]
+    forward = sum(1 for r in rows if r.block == 0 and not r.text.startswith(("#", "ST.", "ev_")))
+    assert work == len(body) - forward
