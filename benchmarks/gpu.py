@@ -11,7 +11,9 @@ kernel timing) written as JSON with the hardware, versions, dtype, batch sizes a
   reproject       multi-tensor re-projection of ResNet-18's updates against rules.reproject_all
   steps           ResNet-18 and pResNet-18 (224x224, batch 256) and the 5x256 MLP (batch 32),
                   bf16 autocast, channels_last, AdamW: backprop eager, backprop torch.compile and
-                  fxlra's prog.step, with peak memory; each one guarded, errors recorded
+                  fxlra's prog.step (torch ops on one stream; with kernels; with kernels on 4
+                  streams, the default; and replayed as a CUDA graph), with peak memory; each
+                  one guarded, errors recorded
 
 Usage:
     python benchmarks/gpu.py [--out benchmarks/results/gpu.json] [--repeats 30]
@@ -63,11 +65,21 @@ TOLERANCES = {
     "update/bfloat16": 1e-3,         # float32 sums of bf16 products over B*H*W terms
     "update/float32": 1e-4,
     "reproject/float32": 1e-5,
+    "program/streams": 1e-5,         # the same ops on other streams (cuBLAS may pick another algo)
+    "program/cuda_graph": 1e-4,      # the same ops replayed; cuDNN may pick another algo
 }
 TARGETS = {  # DESIGN.md section 3
     "pseudo_conv fused_*_over_floor": "<= 1.3",
     "target_error *_fraction_of_copy": ">= 0.7",
     "steps resnet18 fxlra_over_backprop_compiled": "<= 0.7",
+    "steps * streams_over_one_stream": "<= 1.0",
+}
+# prog.step variants timed on every model: compile options added to the model's own
+FXLRA_VARIANTS = {
+    "fxlra_torch_one_stream": dict(kernels="torch", streams=1),   # the plain generated program
+    "fxlra_one_stream": dict(streams=1),                          # + Triton kernels
+    "fxlra": dict(),                                              # + 4 streams (the defaults)
+    "fxlra_cuda_graph": dict(cuda_graph=True),                    # + replayed as a CUDA graph
 }
 COMPILE_S = 75                       # what torch.compile of a ResNet-18 step may take here
 FWD_CONFIGS = [None, dict(BLOCK_O=128, BLOCK_P=64, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -215,12 +227,42 @@ def correctness(device, smoke):
     for k, (g, w, f) in enumerate(zip(got, want, fxlra_way)):
         check(f"reproject/float32/{k}", "reproject/float32", g, w)
         check(f"reproject/float32/{k}/vs_rules", "reproject/float32", g, f)
+    program_checks(device, smoke, check)
     ok = all(v["ok"] for v in checks.values())
     worst = max(checks.items(), key=lambda kv: kv[1]["rel_error"] / kv[1]["tolerance"])
     print(f"correctness: {len(checks)} checks, {'all within' if ok else 'SOME OUTSIDE'} "
           f"tolerance; worst {worst[0]} {worst[1]['rel_error']:.2e} (tol "
           f"{worst[1]['tolerance']:.0e})")
     return {"ok": ok, "checks": checks}
+
+
+def program_checks(device, smoke, check):
+    """The step on parallel streams equals the one-stream step; a replayed CUDA graph equals
+    the eager step (float32, a small residual CNN, two steps so BN statistics move)."""
+    gen = torch.Generator().manual_seed(1)
+    size = 8 if smoke else 32
+    data = [(torch.randn(4, 3, size, size, generator=gen).to(device),
+             torch.randint(0, 10, (4,), generator=gen).to(device)) for _ in range(2)]
+
+    def grads(**options):
+        torch.manual_seed(0)
+        prog = fxlra.compile(models.resnet18_cifar(width=8).to(device), wiring="residual",
+                             **options)
+        out = []
+        for x, y in data:
+            prog.zero_grad(set_to_none=True)
+            prog.step(x, y)
+            out.append([p.grad.clone() for p in prog.parameters()])
+        return out
+
+    one = grads(streams=1)
+    variants = {"streams": dict(streams=4)}
+    if device.type == "cuda":
+        variants["cuda_graph"] = dict(streams=4, cuda_graph=True)
+    for name, options in variants.items():
+        for k, (got, want) in enumerate(zip(grads(**options), one)):
+            flat = [torch.cat([g.flatten() for g in grads_k]) for grads_k in (got, want)]
+            check(f"program/{name}/step{k}", f"program/{name}", *flat)
 
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -411,9 +453,9 @@ def steps_section(clock, device, dtype, smoke, compile_backprop):
                 opt.zero_grad(set_to_none=True)
             return step
 
-        def reclra():
+        def reclra(**extra):
             model = fresh()
-            prog = fxlra.compile(model, **options)
+            prog = fxlra.compile(model, **options, **extra)
             opt = torch.optim.AdamW(prog.parameters(), lr=1e-4)
             row["fxlra_fallback_ops"] = list(prog.fallbacks)
 
@@ -424,11 +466,16 @@ def steps_section(clock, device, dtype, smoke, compile_backprop):
                 opt.zero_grad(set_to_none=True)
             return step
 
-        variants = {"backprop_eager": lambda: backprop(False), "fxlra": reclra}
+        variants = {"backprop_eager": lambda: backprop(False)}
         if compile_backprop:
             variants["backprop_compiled"] = lambda: backprop(True)
         else:
             row["backprop_compiled"] = {"skipped": "no torch.compile in this run"}
+        for variant, extra in FXLRA_VARIANTS.items():
+            if extra.get("cuda_graph") and device.type != "cuda":
+                row[variant] = {"skipped": "CUDA graphs need a GPU"}
+                continue
+            variants[variant] = lambda extra=extra: reclra(**extra)
         for variant, make in variants.items():
             def measure():
                 if variant == "backprop_compiled" and clock.left() < COMPILE_S:
@@ -449,6 +496,14 @@ def steps_section(clock, device, dtype, smoke, compile_backprop):
         for base in ("backprop_eager", "backprop_compiled"):
             if "fxlra" in ms and base in ms:
                 row[f"fxlra_over_{base}"] = ms["fxlra"] / ms[base]
+        fxlra_ms = {k: v for k, v in ms.items() if k.startswith("fxlra")}
+        if fxlra_ms and "backprop_compiled" in ms:
+            fastest = min(fxlra_ms, key=fxlra_ms.get)
+            row["fastest_fxlra"] = fastest
+            row["fastest_fxlra_over_backprop_compiled"] = fxlra_ms[fastest] / \
+                ms["backprop_compiled"]
+        if "fxlra" in ms and "fxlra_one_stream" in ms:
+            row["streams_over_one_stream"] = ms["fxlra"] / ms["fxlra_one_stream"]
         print(f"step {name}: " + "  ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
         free()
     return out
