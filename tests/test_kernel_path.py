@@ -1,8 +1,8 @@
 """The generated program's Triton path (``kernels="triton"``), run on the CPU by Triton's
 interpreter in a fresh process (TRITON_INTERPRET=1 must be set before Triton is imported): the
 fused target/error kernel at every site whose activation has a kernel row, and the fused
-pseudo-convolution forward and update, give the same updates as the torch path, and prog.code
-shows which path it took. On the CPU without the interpreter, "auto" keeps torch ops and
+pseudo-convolution forward and update, give the same updates as the torch path (the fused
+program also cut into blocks for 3 streams), and prog.code shows which path it took. On the CPU without the interpreter, "auto" keeps torch ops and
 "triton" is a clear error."""
 import os
 import subprocess
@@ -38,9 +38,11 @@ SCRIPT = textwrap.dedent('''
     }
     for name, (model, wiring, x, y, extra) in cases.items():
         plain = fxlra.compile(copy.deepcopy(model), wiring=wiring, kernels="torch", **extra)
-        fused = fxlra.compile(copy.deepcopy(model), wiring=wiring, kernels="triton", **extra)
+        fused = fxlra.compile(copy.deepcopy(model), wiring=wiring, kernels="triton", streams=3,
+                              **extra)
         fused.load_state_dict(plain.state_dict())
         assert "kernels.target_and_error" in fused.code and "kernels" not in plain.code, name
+        assert "ST.enter(" in fused.code and "ST." not in plain.code, name
         if name == "presnet":
             assert "kernels.perturbative_forward" in fused.code, name
             assert "kernels.perturbative_grads" in fused.code, name
