@@ -185,11 +185,13 @@ def test_generated_source_snapshot(name, build, shape):
     assert_same_updates(prog, x, torch.tensor([0, 1]))
 
 
-def test_the_program_can_be_captured_by_torch_compile():
+@pytest.mark.parametrize("streams", [1, 3])
+def test_the_program_can_be_captured_by_torch_compile(streams):
     """Dynamo captures the generated program (the "eager" backend skips C++ compilation, which
-    the CPU benchmark times); the compiled step equals the eager one."""
+    the CPU benchmark times), also when it is cut into blocks for streams; the compiled step
+    equals the eager one."""
     torch._dynamo.reset()
-    prog = fxlra.compile(make_mlp(), wiring="pairwise")
+    prog = fxlra.compile(make_mlp(), wiring="pairwise", streams=streams)
     x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 0, 1])
     eager = prog.updates(x, y)
     compiled = torch.compile(prog.updates, backend="eager")(x, y)
