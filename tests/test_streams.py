@@ -19,7 +19,7 @@ from fxlra import codegen, streams
 from fxlra.errors import OptionError
 
 from conftest import make_cnn as small_cnn, make_mlp
-from test_properties import PRESETS, SETTINGS, build, model_specs, preset
+from test_properties import PRESETS, SETTINGS, build, model_specs, preset, random_dags
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,14 +106,20 @@ def _assert_same_updates(a, b):
 
 
 # -- properties -----------------------------------------------------------------------------------
-@settings(max_examples=25, **SETTINGS)
-@given(spec=model_specs(), wiring=st.sampled_from(PRESETS), n=st.integers(2, 4),
-       seed=st.integers(0, 2 ** 16))
+@settings(max_examples=40, **SETTINGS)
+@given(spec=model_specs(), wiring=st.sampled_from(PRESETS + ["dag"]), n=st.integers(2, 5),
+       rule=st.sampled_from(["hebbian-z", "hebbian-d", "derived"]),
+       seed=st.integers(0, 2 ** 16), data=st.data())
 def test_schedules_are_safe_and_any_allowed_order_gives_the_one_stream_updates(spec, wiring, n,
-                                                                               seed):
+                                                                               rule, seed, data):
     model, x, y = build(spec)
-    one = compiled(model, x, preset(wiring), 1)
-    many = compiled(model, x, preset(wiring), n)
+    if wiring == "dag":
+        sites = compiled(model, x, "direct", 1)
+        wiring = data.draw(random_dags(sites.sites, sites.plan.outputs))
+    else:
+        wiring = preset(wiring)
+    one = compiled(model, x, wiring, 1, error_rule=rule)
+    many = compiled(model, x, wiring, n, error_rule=rule)
     many.load_state_dict(one.state_dict())
     assert one.schedule is None and "ST." not in one.code
     assert streams.verify(many._built.rows, many.schedule) == []
