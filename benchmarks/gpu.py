@@ -14,10 +14,11 @@ kernel timing) written as JSON with the hardware, versions, dtype, batch sizes a
                   fxlra's prog.step (torch ops on one stream; with kernels; with kernels on 4
                   streams, the default; and replayed as a CUDA graph), with peak memory; each
                   one guarded, errors recorded
+  profile         the ops with the most device time in the default ResNet-18 fxlra step
 
 Usage:
-    python benchmarks/gpu.py [--out benchmarks/results/gpu.json] [--repeats 30]
-                             [--only pseudo_conv target_error reproject steps] [--budget-s 280]
+    python benchmarks/gpu.py [--out benchmarks/results/gpu.json] [--repeats 30] [--budget-s 270]
+                             [--only pseudo_conv target_error reproject steps profile]
     python benchmarks/gpu.py --cpu-smoke     # tiny shapes on the CPU, Triton's interpreter
 
 ``--cpu-smoke`` runs every section at tiny shapes (no torch.compile) so the script itself is
@@ -509,6 +510,54 @@ def steps_section(clock, device, dtype, smoke, compile_backprop):
     return out
 
 
+def profile_section(clock, device, dtype, smoke, steps=3):
+    """Where the first model's default fxlra step spends its time: the ops with the most self
+    device time (CPU time on the CPU) over ``steps`` profiled steps, per step."""
+    name, (build, shape, batch, options) = next(iter(step_cases(smoke).items()))
+    if clock.left() < 20:
+        raise TimeoutError("less than 20 s of the time budget left for the profile")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000 if shape[-1] == 224 else 10, (batch,), generator=gen).to(device)
+    torch.manual_seed(0)
+    prog = fxlra.compile(build().to(device).to(memory_format=torch.channels_last), **options)
+    opt = torch.optim.AdamW(prog.parameters(), lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else \
+        contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            prog.step(x, y)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    def self_us(event):
+        if not cuda:
+            return event.self_cpu_time_total
+        return getattr(event, "self_device_time_total", None) or \
+            getattr(event, "self_cuda_time_total", 0)
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events)
+    top = [{"op": e.key, "calls_per_step": e.count / steps, "self_ms_per_step":
+            self_us(e) / 1e3 / steps, "share": self_us(e) / total if total else None}
+           for e in events[:25]]
+    print(f"profile {name}: {total / 1e3 / steps:.2f} ms of {'device' if cuda else 'CPU'} time "
+          f"per step; top: " + ", ".join(f"{t['op']} {t['self_ms_per_step']:.2f}" for t in top[:5]))
+    return {"model": name, "variant": "fxlra", "steps": steps, "self_ms_per_step": total / 1e3 /
+            steps, "top": top}
+
+
 # -- metadata -------------------------------------------------------------------------------------
 def commit():
     try:
@@ -542,7 +591,7 @@ def metadata(device, dtype, args):
     return meta
 
 
-SECTIONS = ("pseudo_conv", "target_error", "reproject", "steps")
+SECTIONS = ("pseudo_conv", "target_error", "reproject", "steps", "profile")
 
 
 def main():
@@ -584,6 +633,7 @@ def main():
         "reproject": lambda: reproject_section(clock, device, SMOKE),
         "steps": lambda: steps_section(clock, device, dtype, SMOKE,
                                        not (SMOKE or args.no_compile)),
+        "profile": lambda: profile_section(clock, device, dtype, SMOKE),
     }
     for name in args.only:
         guarded(result, name, sections[name])
