@@ -423,26 +423,50 @@ def step_cases(smoke):
                           dict(wiring="residual", leaf_modules=LEAF_MODULES))}
 
 
+def autocast_for(device, dtype):
+    return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else \
+        contextlib.nullcontext()
+
+
+def step_batch(shape, batch, device):
+    """The fixed batch (x, y) a step case is timed on: images channels_last, 1000 classes at
+    224x224, else 10."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen).to(device)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    classes = 1000 if shape[-1] == 224 else 10
+    return x, torch.randint(0, classes, (batch,), generator=gen).to(device)
+
+
+def fresh_model(build, device, x):
+    torch.manual_seed(0)
+    model = build().to(device)
+    return model.to(memory_format=torch.channels_last) if x.dim() == 4 else model
+
+
+def reclra_step(build, options, x, y, autocast, **extra):
+    """(one fxlra training step with AdamW on a fresh model, its program)."""
+    prog = fxlra.compile(fresh_model(build, x.device, x), **options, **extra)
+    opt = torch.optim.AdamW(prog.parameters(), lr=1e-4)
+
+    def step():
+        with autocast:
+            prog.step(x, y)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, prog
+
+
 def steps_section(clock, device, dtype, smoke, compile_backprop):
     out = {}
-    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else \
-        contextlib.nullcontext()
+    autocast = autocast_for(device, dtype)
     for name, (build, shape, batch, options) in step_cases(smoke).items():
         row = out[name] = {"batch": batch, "input": list(shape), "wiring": options["wiring"]}
-        classes = 1000 if shape[-1] == 224 else 10
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, *shape, generator=gen).to(device)
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, classes, (batch,), generator=gen).to(device)
-
-        def fresh():
-            torch.manual_seed(0)
-            model = build().to(device)
-            return model.to(memory_format=torch.channels_last) if x.dim() == 4 else model
+        x, y = step_batch(shape, batch, device)
 
         def backprop(compiled):
-            model = fresh()
+            model = fresh_model(build, device, x)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             run = torch.compile(model) if compiled else model
 
@@ -455,16 +479,8 @@ def steps_section(clock, device, dtype, smoke, compile_backprop):
             return step
 
         def reclra(**extra):
-            model = fresh()
-            prog = fxlra.compile(model, **options, **extra)
-            opt = torch.optim.AdamW(prog.parameters(), lr=1e-4)
+            step, prog = reclra_step(build, options, x, y, autocast, **extra)
             row["fxlra_fallback_ops"] = list(prog.fallbacks)
-
-            def step():
-                with autocast:
-                    prog.step(x, y)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
             return step
 
         variants = {"backprop_eager": lambda: backprop(False)}
@@ -516,21 +532,8 @@ def profile_section(clock, device, dtype, smoke, steps=3):
     name, (build, shape, batch, options) = next(iter(step_cases(smoke).items()))
     if clock.left() < 20:
         raise TimeoutError("less than 20 s of the time budget left for the profile")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *shape, generator=gen).to(device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000 if shape[-1] == 224 else 10, (batch,), generator=gen).to(device)
-    torch.manual_seed(0)
-    prog = fxlra.compile(build().to(device).to(memory_format=torch.channels_last), **options)
-    opt = torch.optim.AdamW(prog.parameters(), lr=1e-4)
-    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else \
-        contextlib.nullcontext()
-
-    def step():
-        with autocast:
-            prog.step(x, y)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    x, y = step_batch(shape, batch, device)
+    step, _ = reclra_step(build, options, x, y, autocast_for(device, dtype))
     for _ in range(3):
         step()
     cuda = device.type == "cuda"

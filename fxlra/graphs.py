@@ -104,14 +104,14 @@ class GraphCache:
         return static_inputs, static_labels, graph, out
 
 
-def check_usable(prog):
-    """OptionError when ``prog`` (compiled with cuda_graph=True) cannot replay graphs."""
-    device = prog._built_for
-    if prog._graphs is None:
+def check_usable(cache, device, reducer):
+    """OptionError when a program on ``device`` (compiled with cuda_graph=True, its graph
+    ``cache`` None where graphs do not exist) cannot replay graphs."""
+    if cache is None:
         raise OptionError(f"cuda_graph=True needs the program on a CUDA device; it is on "
                           f"{device}. Move it with prog.to('cuda') or compile with "
                           "cuda_graph=False")
-    if prog.reducer is not None:
+    if reducer is not None:
         raise OptionError("cuda_graph=True cannot be combined with data-parallel training "
                           "(the all-reduce of the updates is not captured); compile with "
                           "cuda_graph=False")

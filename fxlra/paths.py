@@ -7,6 +7,7 @@ network in reverse, so it is as deep as the forward. Both are counted on the gen
 own statements (one statement is one op or one fused helper call): a statement's depth is one
 more than the deepest statement that defined a value it uses, within its stage.
 """
+from . import streams
 
 
 def longest_chain(rows):
@@ -43,7 +44,7 @@ def stream_span(rows, schedule):
     and every block it waits on are done. work / span bounds what the streams can gain."""
     size = [0] * len(schedule.streams)
     for row in rows:
-        size[row.block] += not row.text.startswith(("#", "ST.", "ev_"))
+        size[row.block] += not (row.text.startswith("#") or streams.is_stream_statement(row))
     finish, last_on = [0] * len(size), {}
     for b, s in enumerate(schedule.streams):
         start = max([finish[last_on[s]] if s in last_on else 0] +

@@ -56,11 +56,7 @@ class Program(nn.Module):
         built = codegen.build(self.graph_module, self.plan, dict(self.synapses.items()),
                               dict(self.options, use_kernels=use, streams=n,
                                    stream_runtime=self._streams))
-        self._generated, self._code, self._update_names = built.function, built.code, \
-            built.update_names
-        self.fallbacks, self._stages, self.schedule = built.fallbacks, built.stages, \
-            built.schedule
-        self._built = built             # its statements by block, for checks
+        self._built = built
         self._built_for = device
 
     def _apply(self, fn, *args, **kwargs):
@@ -130,7 +126,7 @@ class Program(nn.Module):
 
     def critical_paths(self):
         """Sequential op counts of this program's step stages and of backprop's (fxlra.paths)."""
-        return paths.critical_paths(self._stages)
+        return paths.critical_paths(self._built.stages)
 
     def __repr__(self):
         return f"fxlra.Program({type(self.model).__name__})\n{self.plan}"
@@ -142,7 +138,26 @@ class Program(nn.Module):
     @property
     def code(self):
         """The generated update program's Python source."""
-        return self._code
+        return self._built.code
+
+    @property
+    def fallbacks(self):
+        """The ops whose local VJP comes from torch.func (no rule of fxlra's own)."""
+        return self._built.fallbacks
+
+    @property
+    def schedule(self):
+        """Each block's stream, waits and keeps (``fxlra.streams.Schedule``); None on one
+        stream."""
+        return self._built.schedule
+
+    @property
+    def _generated(self):
+        return self._built.function
+
+    @property
+    def _update_names(self):
+        return self._built.update_names
 
     def _check_input(self, x, y):
         """The batch's inputs as a tuple (a model with several inputs takes ``(x1, x2, ...)``),
@@ -186,7 +201,7 @@ class Program(nn.Module):
         inputs = self._check_input(x, y)
         graphed = step and self.options["cuda_graph"]
         if graphed:
-            graphs.check_usable(self)
+            graphs.check_usable(self._graphs, self._built_for, self.reducer)
         buffers = health.mutable_buffers(self.model)
         snapshot = health.BufferSnapshot(buffers)
         try:

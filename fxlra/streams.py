@@ -96,8 +96,7 @@ def schedule(rows, blocks, n, inputs):
                 need[t] = max(need.get(t, -1), position[d])
         wait = sorted(order[t][p] for t, p in need.items())
         for e in wait:
-            now = [max(a, c) for a, c in zip(now, clock[e])]
-            now[stream[e]] = max(now[stream[e]], position[e])
+            now = _after_wait(now, clock, e, stream[e], position[e])
         clock[b] = now
         keep = sorted(v for v, d in reads[b].items() if stream[d] != s and (v, d) not in kept[s])
         kept[s].update((v, reads[b][v]) for v in keep)
@@ -117,6 +116,14 @@ def _start_clock(clock, order, position, b, s, n):
     return now
 
 
+def _after_wait(now, clock, e, stream, position):
+    """What is known done after waiting on block ``e`` (at ``position`` on ``stream``): all
+    that was known done when it started, and ``e`` itself."""
+    now = [max(a, c) for a, c in zip(now, clock[e])]
+    now[stream] = max(now[stream], position)
+    return now
+
+
 def verify(rows, sched):
     """Check the ready, memory and join rules of ``sched`` for ``rows``; returns the list of
     violations (empty when the schedule is safe)."""
@@ -132,8 +139,7 @@ def verify(rows, sched):
             if e >= b:
                 problems.append(f"block {b} waits on block {e}, which is not recorded yet")
                 continue
-            now = [max(a, c) for a, c in zip(now, clock[e])]
-            now[sched.streams[e]] = max(now[sched.streams[e]], position[e])
+            now = _after_wait(now, clock, e, sched.streams[e], position[e])
         clock[b] = now
         kept[s].update((v, reads[b].get(v)) for v in sched.keeps[b])
         for v, d in sorted(reads[b].items()):
