@@ -295,9 +295,10 @@ class Generator(UpdateStage):
         self.src.add("updates = [" + ", ".join(e for _, e, _ in self.update_names) + "]",
                      ["updates"], [t for _, _, t in self.update_names])
         self.src.add("reduce.wait()", [], [])
-        self.src.add("torch._foreach_mul_(updates, [s / batch for s in SCALES])", [],
+        self.src.add("torch._foreach_mul_(updates, over_batch(SCALES, batch))", [],
                      ["updates", "batch"])
         self.env["SCALES"] = [scale[n] for n, _, _ in self.update_names]
+        self.env["over_batch"] = over_batch
         home = {s.name: self._on(f"err_{s.name}", 0, self._dev(s.name)) for s in self.plan.sites}
         errors = ", ".join(f"{s!r}: {e}" for s, e in home.items())
         self.src.add(f"return loss_{outputs[0]}, {{{errors}}}, updates", [],
@@ -344,6 +345,13 @@ class NoReduce:
 
 
 NO_REDUCE = NoReduce()
+
+
+def over_batch(scales, batch):
+    """Each update's scale divided by the batch size. A function, not a comprehension in the
+    generated code: the comprehension would make ``batch`` a closure cell, and torch.compile
+    breaks the graph where the program deletes a cell."""
+    return [s / batch for s in scales]
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,7 @@ class Program(nn.Module):
     def _update_names(self):
         return self._built.update_names
 
+    @torch.compiler.disable     # checks that read tensors on the host: never traced
     def _check_input(self, x, y):
         """The batch's inputs as a tuple (a model with several inputs takes ``(x1, x2, ...)``),
         after checking them and the labels; raises InputError before anything runs."""
@@ -236,8 +237,13 @@ class Program(nn.Module):
         Nothing changes (parameters, ``.grad``, buffers) if the loss, an error or an update is
         not finite: the step raises ``NumericalError`` or, with ``nonfinite="skip"``, returns a
         result with ``skipped=True``."""
-        (loss, errors, updates, error_norms, update_norms), snapshot = \
-            self._run(x, y, self.reducer, step=True)
+        out, snapshot = self._run(x, y, self.reducer, step=True)
+        return self._finish_step(out, snapshot, x)
+
+    @torch.compiler.disable     # host syncs and decisions on their values: under torch.compile
+    def _finish_step(self, out, snapshot, x):   # a traced copy would recompile for each value
+        """Check, re-project and accumulate one step's updates (``step``'s host side)."""
+        loss, errors, updates, error_norms, update_norms = out
         policy = health.NONFINITE[self.options["nonfinite"]]
         graphed = self.options["cuda_graph"]     # outputs are overwritten by the next replay
         with torch.no_grad():
