@@ -136,8 +136,21 @@ class Generator(UpdateStage):
             if node.op in ("placeholder", "output"):
                 continue
             uses = [a.name for a in node.all_input_nodes]
+            stats = self._bn_stats.get(node.name)
+            if stats:          # the batch statistics too, for the norm's update
+                self.src.add(f"{node.name}, {stats} = local.batchnorm_forward("
+                             f"{self.glob(self.modules[node.target], 'm_' + node.target)}, "
+                             f"{node.args[0].name})", [node.name, stats], uses)
+                continue
             self.src.add(f"{node.name} = {self._kernel_call(node) or self.call(node)}",
                          [node.name], uses)
+
+    def _keeps_bn_stats(self, node):
+        """Whether the forward runs this op by ``local.batchnorm_forward``, keeping the batch
+        statistics its update reads (a torch.nn BatchNorm with trained affine parameters)."""
+        return (node.op == "call_module" and len(node.args) == 1 and not node.kwargs and
+                type(self.modules[node.target]) in local.BATCHNORM_TYPES and
+                self._rule(node) == "batchnorm")
 
     def _kernel_call(self, node):
         """A forward op computed by a fused kernel on the Triton path (the pseudo-convolution:
@@ -280,6 +293,8 @@ class Generator(UpdateStage):
         self._param_ops = {}
         for r in self.plan.params:
             self._param_ops.setdefault(self.nodes[r.op], []).append(r.param)
+        self._bn_stats = {n.name: f"stats_{n.name}" for n in self._param_ops
+                          if self._keeps_bn_stats(n)}
         self.env["fetch"] = _Fetch(self.gm)
         for stage in (self.forward, self.errors, self.updates):
             start = len(self.src.rows)

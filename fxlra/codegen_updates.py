@@ -139,8 +139,9 @@ class UpdateStage:
             owner = "local"
             if self.o.get("use_kernels") and self._rule(node) in KERNEL_GRADS:
                 owner = self.glob(self._kernels(), "kernels")     # the fused Triton update
-            self.src.add(f"{target} = {owner}.{fn.__name__}({module}, {x}, {c})", [target],
-                         [c, x])
+            stats = [self._bn_stats[node.name]] if node.name in self._bn_stats else []
+            self.src.add(f"{target} = {owner}.{fn.__name__}({', '.join([module, x, c] + stats)})",
+                         [target], [c, x] + stats)
             keys = [n[len(node.target) + 1:] for n in names]
             if fn is local.linear_grads:
                 self._linear_grads[(x, self._alias.get(c, c))] = target

@@ -53,15 +53,42 @@ def _affine_grads(m, xhat, c, dims):
     return grads
 
 
-def batchnorm_grads(m, x, c):
+# BatchNorm classes whose forward ``batchnorm_forward`` performs (a subclass may change it)
+BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def batchnorm_forward(m, x):
+    """``m(x)`` for a torch.nn BatchNorm (the same steps and ATen call as its forward), and the
+    batch statistics ``(mean, invstd)`` it normalised with, or None when it used the running
+    ones: ``batchnorm_grads`` takes them instead of reading ``x`` again to recompute them."""
+    m._check_input_dim(x)
+    factor = 0.0 if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        if m.momentum is None:                        # cumulative moving average
+            factor = 1.0 / float(m.num_batches_tracked)
+    train = m.training or (m.running_mean is None and m.running_var is None)
+    tracked = not m.training or m.track_running_stats
+    if train:
+        F._verify_batch_size(x.size())
+    out, mean, invstd, _, _ = torch._batch_norm_impl_index(
+        x, m.weight, m.bias, m.running_mean if tracked else None,
+        m.running_var if tracked else None, train, factor, m.eps, torch.backends.cudnn.enabled)
+    return out, ((mean, invstd) if train else None)
+
+
+def batchnorm_grads(m, x, c, stats=None):
     """gamma: sum(c * xhat), beta: sum(c), over batch and space, by ATen's batch-norm backward
-    (weight and bias only) with the batch statistics in training, the running ones in eval."""
+    (weight and bias only) with the batch statistics in training (``stats`` from
+    ``batchnorm_forward``, else recomputed from ``x``), the running ones in eval."""
     if m.weight is None and m.bias is None:
         return {}
     train = m.training or m.running_mean is None
     save_mean = save_invstd = None
     weight = m.weight if m.weight is not None else torch.ones_like(m.running_mean)
-    if train:      # statistics in the parameters' dtype (mixed precision under autocast)
+    if train and stats is not None:
+        save_mean, save_invstd = stats
+    elif train:    # statistics in the parameters' dtype (mixed precision under autocast)
         dims = [0] + list(range(2, x.dim()))
         var, save_mean = torch.var_mean(x.to(weight.dtype), dims, correction=0)
         save_invstd = torch.rsqrt(var + m.eps)

@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 import fxlra
+from fxlra import local
 from conftest import make_cnn, make_mlp
 
 # (rtol, atol) by dtype, with the reason: the generated program and the reference compute the
@@ -220,3 +221,72 @@ def test_torch_compile_of_step_captures_the_program_once(make, streams):
     for (name, a), b in zip(compiled.model.named_buffers(), eager.model.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
+
+BATCHNORMS = [(nn.BatchNorm1d, (6, 4)), (nn.BatchNorm1d, (6, 4, 5)), (nn.BatchNorm2d, (6, 4, 3, 3)),
+              (nn.BatchNorm3d, (6, 4, 2, 3, 3))]
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("cls, shape", BATCHNORMS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=on_cuda)])
+def test_batchnorm_forward_is_the_module_forward(cls, shape, momentum, track, training, device):
+    """The generated forward runs a torch.nn BatchNorm by ``local.batchnorm_forward``: the
+    module's output and buffers exactly (over two steps: the counter and the running statistics
+    carry over), and the batch statistics it normalised with, which the norm's update reads."""
+    a = cls(4, momentum=momentum, track_running_stats=track).to(device, torch.float64)
+    with torch.no_grad():
+        a.weight.uniform_(0.5, 2.0)
+        a.bias.uniform_(-1.0, 1.0)
+    a.train(training)
+    b = copy.deepcopy(a)
+    for _ in range(2):
+        x = torch.randn(shape, dtype=torch.float64, device=device) * 3 + 1
+        want = a(x)
+        got, stats = local.batchnorm_forward(b, x)
+        assert torch.equal(got, want)
+        for (name, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(u, v), name
+    assert (stats is not None) == (training or not track)
+    if stats is not None:
+        var, mean = torch.var_mean(x, [0] + list(range(2, x.dim())), correction=0)
+        torch.testing.assert_close(stats[0], mean)
+        torch.testing.assert_close(stats[1], torch.rsqrt(var + a.eps))
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batchnorm_statistics_under_cudnn_are_mean_and_inverse_std(dtype):
+    """On CUDA the op may be cuDNN's, whose second saved tensor must also be 1/sqrt(var + eps)
+    (what ATen's batch-norm backward takes): the norm's update equals the one from recomputed
+    statistics, channels_last and bf16 included."""
+    m = nn.BatchNorm2d(16).cuda()
+    x = (torch.randn(8, 16, 7, 7, device="cuda") * 2 + 1).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    c = torch.randn_like(x)
+    _, stats = local.batchnorm_forward(m, x)
+    got = local.batchnorm_grads(m, x, c, stats)
+    want = local.batchnorm_grads(m, x, c)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
+def test_only_plain_torch_batchnorms_run_by_batchnorm_forward():
+    """A BatchNorm subclass may change the forward: it stays a module call (and its update
+    recomputes the statistics); the plain class in the same model keeps them."""
+    class Shifted(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          Shifted(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.randn(5, 3, 6, 6), torch.tensor([0, 1, 2, 0, 1])
+    prog = fxlra.compile(model, wiring="direct", leaf_modules=[Shifted], example_inputs=x)
+    assert prog.code.count("local.batchnorm_forward(") == 1
+    prog.double()
+    x = x.double()
+    got, want = prog.updates(x, y), prog.reference_updates(x, y)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
