@@ -221,8 +221,8 @@ class Generator(UpdateStage):
             self._shared_projections(i)
 
     def _fused_error(self, site, alpha, kappa):
-        """On the Triton path, the site's target and error by the fused kernel (one pass, math in
-        float32, z recomputed from h). False when the kernels are off or the site's activation
+        """On the Triton path, the site's error by the fused kernel (one pass, math in float32,
+        z recomputed from h, the target never stored). False when the kernels are off or the site's activation
         has no kernel row (its torch lines are emitted instead)."""
         if not self.o.get("use_kernels"):
             return False
@@ -234,11 +234,11 @@ class Generator(UpdateStage):
         h, z = self._on(site.h, self._dev(i), 0), self._on(i, self._dev(i), 0)
         values = ", ".join(self.glob(p, f"param_{i}") if isinstance(p, torch.Tensor) else repr(p)
                            for p in params)
-        self.src.add(f"target_{i}, err_{i}, _ = {kern}.target_and_error({h}, {z}, disp_{i}, "
+        self.src.add(f"_, err_{i}, _ = {kern}.target_and_error({h}, {z}, disp_{i}, "
                      f"{name!r}, beta={self.o['beta']!r}, alpha={alpha!r}, kappa={kappa!r}, "
                      f"params=({values}{',' if len(params) == 1 else ''}), "
-                     f"channel_dim={site.layout.channel_dim}, recompute_z=True)",
-                     [f"target_{i}", f"err_{i}"], [h, z, f"disp_{i}"])
+                     f"channel_dim={site.layout.channel_dim}, with_target=False, "
+                     f"recompute_z=True)", [f"err_{i}"], [h, z, f"disp_{i}"])
         return True
 
     def _kernel_activation(self, site):
