@@ -12,8 +12,8 @@ kernel timing) written as JSON with the hardware, versions, dtype, batch sizes a
   steps           ResNet-18 and pResNet-18 (224x224, batch 256) and the 5x256 MLP (batch 32),
                   bf16 autocast, channels_last, AdamW: backprop eager, backprop torch.compile and
                   fxlra's prog.step (torch ops on one stream; with kernels; with kernels on 4
-                  streams, the default; and replayed as a CUDA graph), with peak memory; each
-                  one guarded, errors recorded
+                  streams, the default; replayed as a CUDA graph; torch ops under
+                  torch.compile), with peak memory; each one guarded, errors recorded
   profile         the ops with the most device time in the default ResNet-18 fxlra step
 
 Usage:
@@ -75,12 +75,15 @@ TARGETS = {  # DESIGN.md section 3
     "steps resnet18 fxlra_over_backprop_compiled": "<= 0.7",
     "steps * streams_over_one_stream": "<= 1.0",
 }
+BACKPROP_VARIANTS = {"backprop_eager": dict(), "backprop_compiled": dict(torch_compile=True)}
 # prog.step variants timed on every model: compile options added to the model's own
+# (torch_compile: prog.step runs under torch.compile, as the README shows)
 FXLRA_VARIANTS = {
     "fxlra_torch_one_stream": dict(kernels="torch", streams=1),   # the plain generated program
     "fxlra_one_stream": dict(streams=1),                          # + Triton kernels
     "fxlra": dict(),                                              # + 4 streams (the defaults)
     "fxlra_cuda_graph": dict(cuda_graph=True),                    # + replayed as a CUDA graph
+    "fxlra_compiled": dict(kernels="torch", streams=1, torch_compile=True),  # Inductor fuses
 }
 COMPILE_S = 75                       # what torch.compile of a ResNet-18 step may take here
 FWD_CONFIGS = [None, dict(BLOCK_O=128, BLOCK_P=64, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -445,30 +448,43 @@ def fresh_model(build, device, x):
     return model.to(memory_format=torch.channels_last) if x.dim() == 4 else model
 
 
-def reclra_step(build, options, x, y, autocast, **extra):
-    """(one fxlra training step with AdamW on a fresh model, its program)."""
+def skip_reason(extra, device, compile_backend):
+    """Why a step variant with these options is not timed in this run (None: it is)."""
+    if extra.get("cuda_graph") and device.type != "cuda":
+        return "CUDA graphs need a GPU"
+    if extra.get("torch_compile") and compile_backend is None:
+        return "no torch.compile in this run"
+    return None
+
+
+def reclra_step(build, options, x, y, autocast, torch_compile=None, **extra):
+    """(one fxlra training step with AdamW on a fresh model, its program); ``torch_compile``: the
+    torch.compile backend ``prog.step`` runs under, as the README shows (None: eager)."""
     prog = fxlra.compile(fresh_model(build, x.device, x), **options, **extra)
     opt = torch.optim.AdamW(prog.parameters(), lr=1e-4)
+    run = torch.compile(prog.step, backend=torch_compile) if torch_compile else prog.step
 
     def step():
         with autocast:
-            prog.step(x, y)
+            run(x, y)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step, prog
 
 
-def steps_section(clock, device, dtype, smoke, compile_backprop):
+def steps_section(clock, device, dtype, smoke, compile_backend):
+    """Every step variant of every case; ``compile_backend``: torch.compile's backend for the
+    compiled variants ("inductor"; "eager" in the smoke run; None skips them)."""
     out = {}
     autocast = autocast_for(device, dtype)
     for name, (build, shape, batch, options) in step_cases(smoke).items():
         row = out[name] = {"batch": batch, "input": list(shape), "wiring": options["wiring"]}
         x, y = step_batch(shape, batch, device)
 
-        def backprop(compiled):
+        def backprop(torch_compile=False):
             model = fresh_model(build, device, x)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            run = torch.compile(model) if compiled else model
+            run = torch.compile(model, backend=compile_backend) if torch_compile else model
 
             def step():
                 with autocast:
@@ -478,24 +494,23 @@ def steps_section(clock, device, dtype, smoke, compile_backprop):
                 opt.zero_grad(set_to_none=True)
             return step
 
-        def reclra(**extra):
-            step, prog = reclra_step(build, options, x, y, autocast, **extra)
+        def reclra(torch_compile=False, **extra):
+            step, prog = reclra_step(build, options, x, y, autocast,
+                                     compile_backend if torch_compile else None, **extra)
             row["fxlra_fallback_ops"] = list(prog.fallbacks)
             return step
 
-        variants = {"backprop_eager": lambda: backprop(False)}
-        if compile_backprop:
-            variants["backprop_compiled"] = lambda: backprop(True)
-        else:
-            row["backprop_compiled"] = {"skipped": "no torch.compile in this run"}
-        for variant, extra in FXLRA_VARIANTS.items():
-            if extra.get("cuda_graph") and device.type != "cuda":
-                row[variant] = {"skipped": "CUDA graphs need a GPU"}
-                continue
-            variants[variant] = lambda extra=extra: reclra(**extra)
+        variants = {}
+        for variant, extra in {**BACKPROP_VARIANTS, **FXLRA_VARIANTS}.items():
+            why = skip_reason(extra, device, compile_backend)
+            if why:
+                row[variant] = {"skipped": why}
+            else:
+                make = backprop if variant in BACKPROP_VARIANTS else reclra
+                variants[variant] = lambda make=make, extra=extra: make(**extra)
         for variant, make in variants.items():
             def measure():
-                if variant == "backprop_compiled" and clock.left() < COMPILE_S:
+                if variant.endswith("_compiled") and clock.left() < COMPILE_S:
                     raise TimeoutError(f"less than {COMPILE_S} s of the time budget left for "
                                        "torch.compile")
                 step = make()
@@ -605,7 +620,7 @@ def main():
                         "benchmarks/results/gpu.json; none with --cpu-smoke)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile backprop")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--budget-s", type=float, default=270,
                         help="stop starting new measurements after this many seconds")
     args = parser.parse_args()
@@ -634,20 +649,26 @@ def main():
         "target_error": lambda: target_error_section(clock, device, dtype, batch, SMOKE,
                                                      bandwidth_at),
         "reproject": lambda: reproject_section(clock, device, SMOKE),
-        "steps": lambda: steps_section(clock, device, dtype, SMOKE,
-                                       not (SMOKE or args.no_compile)),
+        "steps": lambda: steps_section(clock, device, dtype, SMOKE, None if args.no_compile
+                                       else "eager" if SMOKE else "inductor"),
         "profile": lambda: profile_section(clock, device, dtype, SMOKE),
     }
-    for name in args.only:
-        guarded(result, name, sections[name])
-    result["meta"]["seconds_left_of_budget"] = clock.left()
     out = args.out or (None if SMOKE else str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    for name in args.only:           # written after every section: a killed run keeps the rest
+        guarded(result, name, sections[name])
+        result["meta"]["seconds_left_of_budget"] = clock.left()
+        save(result, out)
     if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
         print(f"wrote {out}")
     sys.exit(0 if result["correctness"]["ok"] else 1)
+
+
+def save(result, out):
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out + ".part", "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(out + ".part", out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Step time on the CPU: the generated rec-LRA program, the reference interpreter and plain
-backprop (eager, and under torch.compile where it works), for the paper's 5x256 MLP (batch 32)
-and ResNet-18 at 32x32 (batch 32). Prints medians and ratios to backprop from one run and writes
-JSON (``--out``). Usage: python benchmarks/step_cpu.py [--repeats 20] [--compile] [--alternate]
+backprop (eager, and both under torch.compile with --compile), for the paper's 5x256 MLP
+(batch 32) and ResNet-18 at 32x32 (batch 32). Prints medians and ratios to backprop from one run
+and writes JSON (``--out``). Usage: python benchmarks/step_cpu.py [--repeats 20] [--compile] [--alternate]
 [--profile] [--out FILE]
 """
 import argparse
@@ -74,14 +74,17 @@ def backprop_step(model, opt, x, y):
     return step
 
 
-def fxlra_step(prog, opt, x, y, reference=False):
+def fxlra_step(prog, opt, x, y, reference=False, run=None):
+    """One fxlra step: ``run`` (default ``prog.step``), or the reference interpreter's updates."""
+    run = run or prog.step
+
     def step():
         if reference:
             updates = prog.reference_updates(x, y)
             for name, p in prog.named_parameters():
                 p.grad = updates[name]
         else:
-            prog.step(x, y)
+            run(x, y)
         opt.step()
         opt.zero_grad()
     return step
@@ -120,6 +123,9 @@ def run(args):
                 backprop_step(twin, topt, x, y), fxlra_step(prog, popt, x, y), args.repeats)
         else:
             rows["fxlra"] = median_ms(fxlra_step(prog, popt, x, y), args.repeats)
+        if args.compile:
+            rows["fxlra_compiled"] = median_ms(
+                fxlra_step(prog, popt, x, y, run=torch.compile(prog.step)), args.repeats)
         rows["reference"] = median_ms(fxlra_step(prog, popt, x, y, True), max(3, args.repeats // 4))
         if args.profile:
             profile(fxlra_step(prog, popt, x, y), name)
@@ -133,7 +139,8 @@ def run(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile backprop")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time backprop and prog.step under torch.compile")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="print where the time goes")
     parser.add_argument("--only", nargs="*", help="run the models whose name contains one of these")
