@@ -26,6 +26,17 @@ from . import _checks as check
 
 # -- activation snippets: phi(x, p0, p1) on float32 blocks -----------------------------------------
 @triton.jit
+def _max(x, y):
+    """max that keeps a NaN, as torch does (tl.maximum alone may drop it)."""
+    return tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min(x, y):
+    return tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _tanh(x):
     # tanh from exp: a Taylor polynomial near 0 avoids the cancellation in 1 - exp(-2|x|)
     a = tl.abs(x)
@@ -56,12 +67,12 @@ def _identity(x, p0, p1):
 
 @triton.jit
 def _relu(x, p0, p1):
-    return tl.maximum(x, 0.0)
+    return _max(x, 0.0)
 
 
 @triton.jit
 def _relu6(x, p0, p1):
-    return tl.minimum(tl.maximum(x, 0.0), 6.0)
+    return _min(_max(x, 0.0), 6.0)
 
 
 @triton.jit
@@ -81,7 +92,7 @@ def _elu(x, p0, p1):
 
 @triton.jit
 def _celu(x, p0, p1):
-    return tl.maximum(x, 0.0) + tl.minimum(p0 * (tl.exp(x / p0) - 1.0), 0.0)
+    return _max(x, 0.0) + _min(p0 * (tl.exp(x / p0) - 1.0), 0.0)
 
 
 @triton.jit
@@ -116,17 +127,17 @@ def _leaky_relu(x, p0, p1):
 
 @triton.jit
 def _hardtanh(x, p0, p1):
-    return tl.minimum(tl.maximum(x, p0), p1)
+    return _min(_max(x, p0), p1)
 
 
 @triton.jit
 def _hardswish(x, p0, p1):
-    return x * (tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0)
+    return x * (_min(_max(x + 3.0, 0.0), 6.0) / 6.0)
 
 
 @triton.jit
 def _hardsigmoid(x, p0, p1):
-    return tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+    return _min(_max(x + 3.0, 0.0), 6.0) / 6.0
 
 
 @triton.jit
@@ -146,12 +157,12 @@ def _tanhshrink(x, p0, p1):
 
 @triton.jit
 def _log_sigmoid(x, p0, p1):
-    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
+    return _min(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
 def _sign(x, p0, p1):
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))   # sign(NaN) = 0, as in torch
 
 
 class Activation(NamedTuple):

@@ -53,7 +53,7 @@ def _perturbed_tile(x_base, n_ptr, k, k_mask, x_sp, n_sp, p_mask, sxc, snk,
         xv = tl.load(x_base + x_sp[:, None] + c[None, :] * sxc, mask=mask, other=0.0)
         nv = tl.load(n_ptr + n_sp[:, None] + k[None, :] * snk, mask=mask, other=0.0)
     s = xv.to(tl.float32) + nv.to(xv.dtype).to(tl.float32)
-    return tl.maximum(s, 0.0).to(xv.dtype)
+    return tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL).to(xv.dtype)
 
 
 @triton.jit

@@ -179,6 +179,25 @@ def test_target_and_error_equals_ref_for_every_activation(name):
     assert_matches_ref(h, z, d, name, **OPTIONS)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+@pytest.mark.parametrize("name", ALL_ACTIVATIONS)
+def test_a_nan_reaches_the_error_as_in_torch(name, alpha):
+    """A NaN in h or in the displacement gives a NaN error where the reference (torch) has one,
+    and a NaN ||e||^2 for that sample: the step's health check reads those sums (tl.maximum
+    alone may drop a NaN; torch's sign maps it to 0, and so does the kernel's)."""
+    h, z, d = site((3, 4, 5), name, seed=5)
+    h[0, 1, 2] = float("nan")
+    d[1, 3, 0] = float("nan")
+    kw = dict(OPTIONS, alpha=alpha, recompute_z=True)
+    _, e, sq = TE.target_and_error(h, z, d, name, **kw)
+    _, er, sqr = TE.target_and_error_ref(h, z, d, name, **kw)
+    assert torch.equal(torch.isnan(e), torch.isnan(er)), name
+    assert torch.isnan(er).any() or name == "sign", name
+    assert torch.equal(torch.isnan(sq), torch.isnan(sqr)), name
+    keep = ~torch.isnan(er)
+    close(e[keep], er[keep], "float32", msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("name", ["tanh", "relu", "identity"])
 def test_recompute_z_forms_phi_of_h_instead_of_reading_z(name):
     """fxlra passes recompute_z=True: z is phi(h) in float32, whatever the z tensor holds."""
@@ -386,6 +405,19 @@ def test_pseudo_conv_forward_equals_ref(c_in, c_out, nmasks, size, bias, channel
     assert got.stride() == want.stride() and got.dtype == x.dtype
     if channels_last:
         assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pseudo_conv_forward_keeps_a_nan_input():
+    """relu(x + noise) of a NaN is NaN, as in the materialised layer: the output channels at
+    that position are NaN, the others equal the reference."""
+    m, x = layer_and_input(*CASES[0])
+    x[1, 0, 2, 3] = float("nan")
+    x, noise = PC.pseudo_conv_inputs(m, x)
+    got = PC.pseudo_conv_forward(x, noise, m.weight, CASES[0][2], m.bias)
+    want = PC.pseudo_conv_forward_ref(x, noise, m.weight, CASES[0][2], m.bias)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).any()
+    keep = ~torch.isnan(want)
+    close(got[keep], want[keep], "sum32")
 
 
 @pytest.mark.parametrize("split", [1, 3])
