@@ -50,6 +50,7 @@ class Generator(UpdateStage):
         self.stages = {}                 # stage -> its statements' (defs, uses), in order
         self.place = dict(options.get("placement") or {})   # site -> device index (0: home)
         self._copies = {}                # (variable, device index) -> its copy's name
+        self._error_sq = {}              # site -> per-sample sum(e^2) from the fused kernel
         if self.place:
             self.env["DEVICES"] = list(options["devices"])
 
@@ -234,11 +235,12 @@ class Generator(UpdateStage):
         h, z = self._on(site.h, self._dev(i), 0), self._on(i, self._dev(i), 0)
         values = ", ".join(self.glob(p, f"param_{i}") if isinstance(p, torch.Tensor) else repr(p)
                            for p in params)
-        self.src.add(f"_, err_{i}, _ = {kern}.target_and_error({h}, {z}, disp_{i}, "
+        self.src.add(f"_, err_{i}, sq_{i} = {kern}.target_and_error({h}, {z}, disp_{i}, "
                      f"{name!r}, beta={self.o['beta']!r}, alpha={alpha!r}, kappa={kappa!r}, "
                      f"params=({values}{',' if len(params) == 1 else ''}), "
                      f"channel_dim={site.layout.channel_dim}, with_target=False, "
-                     f"recompute_z=True)", [f"err_{i}"], [h, z, f"disp_{i}"])
+                     f"recompute_z=True)", [f"err_{i}", f"sq_{i}"], [h, z, f"disp_{i}"])
+        self._error_sq[i] = f"sq_{i}"
         return True
 
     def _kernel_activation(self, site):
@@ -315,9 +317,11 @@ class Generator(UpdateStage):
         self.env["SCALES"] = [scale[n] for n, _, _ in self.update_names]
         self.env["over_batch"] = over_batch
         home = {s.name: self._on(f"err_{s.name}", 0, self._dev(s.name)) for s in self.plan.sites}
+        sq = {s: self._on(v, 0, self._dev(s)) for s, v in self._error_sq.items()}
         errors = ", ".join(f"{s!r}: {e}" for s, e in home.items())
-        self.src.add(f"return loss_{outputs[0]}, {{{errors}}}, updates", [],
-                     [f"loss_{outputs[0]}", "updates"] + list(home.values()))
+        sums = ", ".join(f"{s!r}: {v}" for s, v in sq.items())
+        self.src.add(f"return loss_{outputs[0]}, {{{errors}}}, updates, {{{sums}}}", [],
+                     [f"loss_{outputs[0]}", "updates"] + list(home.values()) + list(sq.values()))
         inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder" and not n.args]
         self.env["NO_REDUCE"] = NO_REDUCE
         header = [f"def rec_lra_updates({', '.join(inputs)}, labels, reduce=NO_REDUCE):",

@@ -2,6 +2,7 @@
 synapses, with ``step``, ``updates``, ``sites``, ``wiring``, ``synapse``, ``explain`` and the
 model's forward as ``prog(x)``.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -212,7 +213,7 @@ class Program(nn.Module):
                                            buffers)
                 else:
                     out = self._generated(*inputs, y, reduce or codegen.NO_REDUCE)
-                    out = _with_norms(*out) if step else out + (None, None)
+                    out = _with_norms(*out) if step else out[:3] + (None, None)
         except RuntimeError as exc:
             snapshot.restore()
             mismatch = health.input_mismatch(self._input_meta, inputs[0], exc)
@@ -278,11 +279,25 @@ class Program(nn.Module):
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
-def _with_norms(loss, errors, updates):
-    """(loss, errors, updates, the errors' norms stacked, the updates' norms stacked or None)."""
-    error_norms = torch.stack(torch._foreach_norm(list(errors.values())))
-    update_norms = _stacked_norms(updates, loss.device) if updates else None
-    return loss, errors, updates, error_norms, update_norms
+def _with_norms(loss, errors, updates, error_sq):
+    """(loss, errors, updates, the errors' norms stacked, the updates' norms stacked or None).
+    A site whose error came from the fused kernel has its norm from the kernel's per-sample
+    ``sum(e^2)`` (of the stored, rounded values), so its error is not read again."""
+    return loss, errors, updates, _error_norms(errors, error_sq), \
+        (_stacked_norms(updates, loss.device) if updates else None)
+
+
+def _error_norms(errors, error_sq):
+    """Every site's error norm, in float32 or wider, in the order of ``errors``."""
+    norms = {}
+    rest = [errors[s] for s in errors if s not in error_sq]
+    if rest:
+        dtype = functools.reduce(torch.promote_types, [e.dtype for e in rest], torch.float32)
+        norms.update(zip([s for s in errors if s not in error_sq],
+                         torch._foreach_norm(rest, 2, dtype=dtype)))
+    if error_sq:
+        norms.update(zip(error_sq, torch.stack(list(error_sq.values())).sum(1).sqrt().unbind()))
+    return torch.stack([norms[s] for s in errors])
 
 
 def _stacked_norms(tensors, device):

@@ -50,7 +50,26 @@ SCRIPT = textwrap.dedent('''
         assert a.keys() == b.keys(), name
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
-        fused.step(x, y)
+        # the fused sites' error norms come from the kernel's sum(e^2): the same discrepancies
+        ra, rb = plain.step(x, y), fused.step(x, y)
+        assert ra.discrepancies.keys() == rb.discrepancies.keys(), name
+        for site, value in ra.discrepancies.items():
+            torch.testing.assert_close(rb.discrepancies[site], value, rtol=1e-4, atol=1e-7,
+                                       msg=f"{name} {site}")
+        for (k, p), q in zip(plain.named_parameters(), fused.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
+        # a NaN that only the inner sites' errors carry is caught through those sums
+        with torch.no_grad():
+            for p in fused.synapses.parameters():
+                p.fill_(float("nan"))
+        before = [p.grad.clone() for p in fused.parameters()]
+        try:
+            fused.step(x, y)
+            raise AssertionError(f"{name}: a NaN error passed the check")
+        except fxlra.NumericalError as exc:
+            assert "is not finite" in str(exc), exc
+        for p, g in zip(fused.parameters(), before):
+            assert torch.equal(p.grad, g), name                  # nothing was added
         print(name, "ok", len(a))
 ''')
 

@@ -97,8 +97,11 @@ def simulate(prog, args, seed, sched=None):
 
 
 def _assert_same_updates(a, b):
-    loss_a, errors_a, updates_a = a
-    loss_b, errors_b, updates_b = b
+    loss_a, errors_a, updates_a, sq_a = a
+    loss_b, errors_b, updates_b, sq_b = b
+    assert sq_a.keys() == sq_b.keys()
+    for k in sq_a:
+        assert torch.equal(sq_a[k], sq_b[k]), k
     assert torch.equal(loss_a, loss_b)
     assert errors_a.keys() == errors_b.keys()
     for k in errors_a:
