@@ -2,7 +2,6 @@
 synapses, with ``step``, ``updates``, ``sites``, ``wiring``, ``synapse``, ``explain`` and the
 model's forward as ``prog(x)``.
 """
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -292,7 +291,7 @@ def _error_norms(errors, error_sq):
     norms = {}
     rest = [errors[s] for s in errors if s not in error_sq]
     if rest:
-        dtype = functools.reduce(torch.promote_types, [e.dtype for e in rest], torch.float32)
+        dtype = torch.float64 if any(e.dtype == torch.float64 for e in rest) else torch.float32
         norms.update(zip([s for s in errors if s not in error_sq],
                          torch._foreach_norm(rest, 2, dtype=dtype)))
     if error_sq:
