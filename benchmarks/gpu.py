@@ -9,21 +9,22 @@ kernel timing) written as JSON with the hardware, versions, dtype, batch sizes a
                   4.2 TB/s and at the measured copy bandwidth
   target_error    the fused target/error kernel in GB/s against a torch copy of the same bytes
   reproject       multi-tensor re-projection of ResNet-18's updates against rules.reproject_all
+  profile         the ops with the most device time in the default ResNet-18 fxlra step
   steps           ResNet-18 and pResNet-18 (224x224, batch 256) and the 5x256 MLP (batch 32),
                   bf16 autocast, channels_last, AdamW: backprop eager, backprop torch.compile and
                   fxlra's prog.step (torch ops on one stream; with kernels; with kernels on 4
                   streams, the default; replayed as a CUDA graph; torch ops under
-                  torch.compile), with peak memory; each one guarded, errors recorded
-  profile         the ops with the most device time in the default ResNet-18 fxlra step
+                  torch.compile), with peak memory; each one guarded, errors recorded; the
+                  eager variants of every case before the compiled ones
 
 Usage:
     python benchmarks/gpu.py [--out benchmarks/results/gpu.json] [--repeats 30] [--budget-s 270]
-                             [--only pseudo_conv target_error reproject steps profile]
+                             [--only pseudo_conv target_error reproject profile steps]
     python benchmarks/gpu.py --cpu-smoke     # tiny shapes on the CPU, Triton's interpreter
 
-``--cpu-smoke`` runs every section at tiny shapes (no torch.compile) so the script itself is
-checked on a machine without a GPU; its timings mean nothing. Exit status 1 when a correctness
-check fails.
+``--cpu-smoke`` runs every section at tiny shapes (torch.compile's "eager" backend) so the
+script itself is checked on a machine without a GPU; its timings mean nothing. Exit status 1
+when a correctness check fails.
 """
 import os
 import sys
@@ -474,71 +475,91 @@ def reclra_step(build, options, x, y, autocast, torch_compile=None, **extra):
 
 def steps_section(clock, device, dtype, smoke, compile_backend):
     """Every step variant of every case; ``compile_backend``: torch.compile's backend for the
-    compiled variants ("inductor"; "eager" in the smoke run; None skips them)."""
-    out = {}
+    compiled variants ("inductor"; "eager" in the smoke run; None skips them). The eager
+    variants of every case run first: torch.compile takes the longest, and what the budget
+    leaves out should be the compiled steps of the smaller cases."""
     autocast = autocast_for(device, dtype)
-    for name, (build, shape, batch, options) in step_cases(smoke).items():
-        row = out[name] = {"batch": batch, "input": list(shape), "wiring": options["wiring"]}
-        x, y = step_batch(shape, batch, device)
-
-        def backprop(torch_compile=False):
-            model = fresh_model(build, device, x)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            run = torch.compile(model, backend=compile_backend) if torch_compile else model
-
-            def step():
-                with autocast:
-                    loss = F.cross_entropy(run(x), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return step
-
-        def reclra(torch_compile=False, **extra):
-            step, prog = reclra_step(build, options, x, y, autocast,
-                                     compile_backend if torch_compile else None, **extra)
-            row["fxlra_fallback_ops"] = list(prog.fallbacks)
-            return step
-
-        variants = {}
-        for variant, extra in {**BACKPROP_VARIANTS, **FXLRA_VARIANTS}.items():
-            why = skip_reason(extra, device, compile_backend)
-            if why:
-                row[variant] = {"skipped": why}
-            else:
-                make = backprop if variant in BACKPROP_VARIANTS else reclra
-                variants[variant] = lambda make=make, extra=extra: make(**extra)
-        for variant, make in variants.items():
-            def measure():
-                if variant.endswith("_compiled") and clock.left() < COMPILE_S:
-                    raise TimeoutError(f"less than {COMPILE_S} s of the time budget left for "
-                                       "torch.compile")
-                step = make()
-                for _ in range(3):                     # compiles (torch.compile, Triton) here
-                    step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                ms = clock.ms(step, flush=False, warmup=2, repeats=max(3, clock.repeats // 2))
-                peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-                return {"ms": ms, "peak_memory_bytes": peak}
-            guarded(row, variant, measure)
-            free()
+    cases = {name: case_variants(case, device, autocast, compile_backend)
+             for name, case in step_cases(smoke).items()}
+    for compiled in (False, True):
+        for row, variants in cases.values():
+            for variant, make in variants.items():
+                if variant.endswith("_compiled") == compiled:
+                    guarded(row, variant, lambda: measure_step(clock, device, variant, make))
+                    free()
+    out = {}
+    for name, (row, _) in cases.items():
+        out[name] = summarised(row)
         ms = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
-        for base in ("backprop_eager", "backprop_compiled"):
-            if "fxlra" in ms and base in ms:
-                row[f"fxlra_over_{base}"] = ms["fxlra"] / ms[base]
-        fxlra_ms = {k: v for k, v in ms.items() if k.startswith("fxlra")}
-        if fxlra_ms and "backprop_compiled" in ms:
-            fastest = min(fxlra_ms, key=fxlra_ms.get)
-            row["fastest_fxlra"] = fastest
-            row["fastest_fxlra_over_backprop_compiled"] = fxlra_ms[fastest] / \
-                ms["backprop_compiled"]
-        if "fxlra" in ms and "fxlra_one_stream" in ms:
-            row["streams_over_one_stream"] = ms["fxlra"] / ms["fxlra_one_stream"]
         print(f"step {name}: " + "  ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
-        free()
     return out
+
+
+def case_variants(case, device, autocast, compile_backend):
+    """(the case's result row, variant -> function that builds its step) for one step case."""
+    build, shape, batch, options = case
+    row = {"batch": batch, "input": list(shape), "wiring": options["wiring"]}
+    x, y = step_batch(shape, batch, device)
+
+    def backprop(torch_compile=False):
+        model = fresh_model(build, device, x)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        run = torch.compile(model, backend=compile_backend) if torch_compile else model
+
+        def step():
+            with autocast:
+                loss = F.cross_entropy(run(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def reclra(torch_compile=False, **extra):
+        step, prog = reclra_step(build, options, x, y, autocast,
+                                 compile_backend if torch_compile else None, **extra)
+        row["fxlra_fallback_ops"] = list(prog.fallbacks)
+        return step
+
+    variants = {}
+    for variant, extra in {**BACKPROP_VARIANTS, **FXLRA_VARIANTS}.items():
+        why = skip_reason(extra, device, compile_backend)
+        if why:
+            row[variant] = {"skipped": why}
+        else:
+            make = backprop if variant in BACKPROP_VARIANTS else reclra
+            variants[variant] = lambda make=make, extra=extra: make(**extra)
+    return row, variants
+
+
+def measure_step(clock, device, variant, make):
+    """Median ms and peak memory of the step ``make()`` builds, after 3 steps that compile."""
+    if variant.endswith("_compiled") and clock.left() < COMPILE_S:
+        raise TimeoutError(f"less than {COMPILE_S} s of the time budget left for torch.compile")
+    step = make()
+    for _ in range(3):                     # compiles (torch.compile, Triton) here
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ms = clock.ms(step, flush=False, warmup=2, repeats=max(3, clock.repeats // 2))
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return {"ms": ms, "peak_memory_bytes": peak}
+
+
+def summarised(row):
+    """The row with the ratios the goals are stated in."""
+    ms = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
+    for base in ("backprop_eager", "backprop_compiled"):
+        if "fxlra" in ms and base in ms:
+            row[f"fxlra_over_{base}"] = ms["fxlra"] / ms[base]
+    fxlra_ms = {k: v for k, v in ms.items() if k.startswith("fxlra")}
+    if fxlra_ms and "backprop_compiled" in ms:
+        fastest = min(fxlra_ms, key=fxlra_ms.get)
+        row["fastest_fxlra"] = fastest
+        row["fastest_fxlra_over_backprop_compiled"] = fxlra_ms[fastest] / ms["backprop_compiled"]
+    if "fxlra" in ms and "fxlra_one_stream" in ms:
+        row["streams_over_one_stream"] = ms["fxlra"] / ms["fxlra_one_stream"]
+    return row
 
 
 def profile_section(clock, device, dtype, smoke, steps=3):
@@ -609,7 +630,7 @@ def metadata(device, dtype, args):
     return meta
 
 
-SECTIONS = ("pseudo_conv", "target_error", "reproject", "steps", "profile")
+SECTIONS = ("pseudo_conv", "target_error", "reproject", "profile", "steps")
 
 
 def main():
