@@ -10,6 +10,17 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def needs_cuda(test, when=None):
+    """A test that needs a CUDA device: skipped without one (or when ``when`` says so), and
+    selected on a GPU machine by ``pytest -m cuda``."""
+    skip = not torch.cuda.is_available() if when is None else when
+    return pytest.mark.cuda(pytest.mark.skipif(skip, reason="needs a CUDA device")(test))
+
+
+CUDA_PARAM_MARKS = [pytest.mark.cuda,
+                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For files of tiny models: intra-op threads only add overhead, and on a shared CPU they

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxlra
 from fxlra import local
-from conftest import make_cnn, make_mlp
+from conftest import CUDA_PARAM_MARKS, make_cnn, make_mlp, needs_cuda
 
 # (rtol, atol) by dtype, with the reason: the generated program and the reference compute the
 # same sums in different orders (matmul vs autograd), so float32 differs by rounding only
@@ -224,14 +224,13 @@ def test_torch_compile_of_step_captures_the_program_once(make, streams):
 
 BATCHNORMS = [(nn.BatchNorm1d, (6, 4)), (nn.BatchNorm1d, (6, 4, 5)), (nn.BatchNorm2d, (6, 4, 3, 3)),
               (nn.BatchNorm3d, (6, 4, 2, 3, 3))]
-on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.parametrize("cls, shape", BATCHNORMS)
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=on_cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_PARAM_MARKS)])
 def test_batchnorm_forward_is_the_module_forward(cls, shape, momentum, track, training, device):
     """The generated forward runs a torch.nn BatchNorm by ``local.batchnorm_forward``: the
     module's output and buffers exactly (over two steps: the counter and the running statistics
@@ -256,7 +255,7 @@ def test_batchnorm_forward_is_the_module_forward(cls, shape, momentum, track, tr
         torch.testing.assert_close(stats[1], torch.rsqrt(var + a.eps))
 
 
-@on_cuda
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batchnorm_statistics_under_cudnn_are_mean_and_inverse_std(dtype):
     """On CUDA the op may be cuDNN's, whose second saved tensor must also be 1/sqrt(var + eps)

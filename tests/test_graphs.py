@@ -19,7 +19,7 @@ import fxlra
 from fxlra import graphs
 from fxlra.errors import NumericalError, OptionError
 
-from conftest import make_cnn
+from conftest import make_cnn, needs_cuda
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,7 +213,7 @@ def test_cuda_graph_must_be_a_bool(bad):
 
 
 # -- on a GPU -------------------------------------------------------------------------------------
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("streams", [1, 4])
 def test_real_cuda_graphs_equal_eager_steps(streams):
     model = make_cnn().cuda()
@@ -232,7 +232,7 @@ def test_real_cuda_graphs_equal_eager_steps(streams):
     assert len(graphed._graphs) == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_real_cuda_graphs_under_autocast_read_the_current_weights():
     """Autocast caches the bf16 copies of weights: a capture that reused the warm-up's copies
     would replay with the weights as they were at capture."""

@@ -13,6 +13,7 @@ this process: then ``test_kernels_in_a_fresh_process`` runs this file in a new o
 tests skip.
 """
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -25,12 +26,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import needs_cuda
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
 CUDA = torch.cuda.is_available()
 INTERPRET = not CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
-gpu = pytest.mark.skipif(INTERPRET, reason="needs a CUDA device (and no TRITON_INTERPRET=1)")
+gpu = functools.partial(needs_cuda, when=INTERPRET)      # and no TRITON_INTERPRET=1
 NAMES = ("target_error", "pseudo_conv", "reproject")
 
 # one tolerance table: (rtol, atol) by case, with the reason
@@ -686,6 +689,7 @@ def _compile_for_hopper(root):
         rp.reproject_([torch.randn(5000, dtype=dtype)], 1.0)
 
 
+@pytest.mark.skipif(CUDA, reason="on a CUDA machine the GPU tests compile the kernels for real")
 def test_kernels_compile_for_hopper_without_a_gpu():
     """Every kernel lowers to sm_90 machine code (ptxas included), the bfloat16 GEMMs on wgmma,
     and no kernel asks for more shared memory than an H100/H200 block has (227 KiB)."""

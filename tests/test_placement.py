@@ -71,6 +71,7 @@ def test_moving_the_program_puts_everything_on_one_device():
     assert "placement" not in many.options and "__on1" not in many.code
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_subtrees_on_a_second_gpu_give_the_same_updates():
     one, many = twins(["cuda:0", "cuda:1"], model_device="cuda:0")

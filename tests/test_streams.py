@@ -20,7 +20,7 @@ import fxlra
 from fxlra import codegen, streams
 from fxlra.errors import OptionError
 
-from conftest import make_cnn as small_cnn, make_mlp
+from conftest import make_cnn as small_cnn, make_mlp, needs_cuda
 from test_properties import PRESETS, SETTINGS, build, model_specs, preset, random_dags
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -239,10 +239,7 @@ def test_step_with_streams_equals_the_reference_on_the_cpu():
 
 
 # -- on a GPU -------------------------------------------------------------------------------------
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@cuda
+@needs_cuda
 @pytest.mark.parametrize("kernels", ["torch", "auto"])
 def test_cuda_streams_give_the_one_stream_updates(kernels):
     x = torch.randn(8, 3, 16, 16, device="cuda")
@@ -260,7 +257,7 @@ def test_cuda_streams_give_the_one_stream_updates(kernels):
             torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@cuda
+@needs_cuda
 def test_cuda_streams_return_to_the_callers_stream_after_a_failure(monkeypatch):
     x = torch.randn(4, 3, 16, 16, device="cuda")
     y = torch.randint(0, 4, (4,), device="cuda")
