@@ -39,17 +39,18 @@ WHERE = "target_and_error"
 # -- the kernel -----------------------------------------------------------------------------------
 @triton.jit
 def _target_error_kernel(h_ptr, z_ptr, d_ptr, y_ptr, e_ptr, part_ptr, w_ptr,
-                         n, d_stride_b, d_stride_c, inner, channels, w_stride,
+                         n, d_stride_b, d_stride_c, w_stride,
                          beta, alpha, kappa, p0, p1,
                          PHI: tl.constexpr, CHANNEL_D: tl.constexpr, TENSOR_P0: tl.constexpr,
-                         STORE_Y: tl.constexpr, RECOMPUTE_Z: tl.constexpr, BLOCK: tl.constexpr):
+                         STORE_Y: tl.constexpr, RECOMPUTE_Z: tl.constexpr, BLOCK: tl.constexpr,
+                         INNER: tl.constexpr, CHANNELS: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     r = blk * BLOCK + tl.arange(0, BLOCK)
     mask = r < n
     offs = b * n + r
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    c = (r // inner) % channels                                  # the channel of each value
+    c = (r // INNER) % CHANNELS          # each value's channel: constants, so no division
     if CHANNEL_D:
         d = tl.load(d_ptr + b * d_stride_b + c * d_stride_c, mask=mask, other=0.0)
     else:
@@ -164,6 +165,7 @@ def target_and_error(h, z, d, activation="identity", *, beta=0.1, alpha=1.0, kap
     if n == 0:
         return y, e, torch.zeros(batch, dtype=torch.float32, device=h.device)
     block, warps = _config(n, interpreted)
+    per_channel = d_channel is not None or (weight is not None and weight.numel() > 1)
     grid = (triton.cdiv(n, block), batch)
     partial = torch.empty(batch, grid[0], dtype=torch.float32, device=h.device)
     d_arg, d_strides = (d, (0, 0)) if d_channel is None else (
@@ -172,11 +174,12 @@ def target_and_error(h, z, d, activation="identity", *, beta=0.1, alpha=1.0, kap
                                                      weight.stride(0))
     _target_error_kernel[grid](
         h, z, d_arg, y if with_target else e, e, partial, w_arg,
-        n, d_strides[0], d_strides[1], inner, channels, w_stride,
+        n, d_strides[0], d_strides[1], w_stride,
         float(beta), float(alpha), float(kappa), p0, p1,
         PHI=ACTIVATIONS[name].snippet, CHANNEL_D=d_channel is not None,
         TENSOR_P0=weight is not None, STORE_Y=with_target, RECOMPUTE_Z=bool(recompute_z),
-        BLOCK=block, num_warps=warps)
+        BLOCK=block, INNER=inner if per_channel else 1, CHANNELS=channels if per_channel else 1,
+        num_warps=warps)
     sq = partial[:, 0] if grid[0] == 1 else partial.sum(1)
     return y, e, sq
 

@@ -627,8 +627,11 @@ def test_fxlra_and_its_kernels_package_import_without_triton():
 def _compile_for_hopper(root):
     """Run in a fresh process (no TRITON_INTERPRET): every launcher call below goes through its
     checks and argument set-up, and instead of launching, its kernel is compiled for sm_90 with
-    Triton's own compiler and ptxas. Prints one line per kernel: name, shared bytes, wgmma."""
+    Triton's own compiler and ptxas, with the alignment hints a launch gives (pointers and
+    integers divisible by 16). Prints one line per kernel: name, shared bytes, wgmma, integer
+    divisions, 16-byte vector loads."""
     import importlib.util
+    import re
     import sys
     sys.path.insert(0, root)
     import torch
@@ -656,8 +659,8 @@ def _compile_for_hopper(root):
             def run(*args, **kwargs):
                 options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
                 bound = dict(zip(self.jit.arg_names, args), **kwargs)
-                signature, constants = {}, {}
-                for param, name in zip(self.jit.params, self.jit.arg_names):
+                signature, constants, attrs = {}, {}, {}
+                for k, (param, name) in enumerate(zip(self.jit.params, self.jit.arg_names)):
                     value = bound[name]
                     if param.is_constexpr:
                         signature[name], constants[name] = "constexpr", value
@@ -667,9 +670,15 @@ def _compile_for_hopper(root):
                         signature[name] = "fp32"
                     else:
                         signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-                kernel = triton.compile(ASTSource(self.jit, signature, constants),
+                    if not param.is_constexpr and (isinstance(value, torch.Tensor) or (
+                            type(value) is int and value and value % 16 == 0)):
+                        attrs[(k,)] = [["tt.divisibility", 16]]
+                kernel = triton.compile(ASTSource(self.jit, signature, constants, attrs),
                                         target=GPUTarget("cuda", 90, 32), options=options)
-                print(self.jit.__name__, kernel.metadata.shared, "wgmma" in kernel.asm["ptx"])
+                ptx = kernel.asm["ptx"]
+                print(self.jit.__name__, kernel.metadata.shared, "wgmma" in ptx,
+                      len(re.findall(r"\b(?:div|rem)\.[su](?:32|64)", ptx)),
+                      "ld.global.v4" in ptx)
             return run
 
     for module, names in ((te, ["_target_error_kernel"]), (pc, ["_forward_kernel",
@@ -692,7 +701,9 @@ def _compile_for_hopper(root):
 @pytest.mark.skipif(CUDA, reason="on a CUDA machine the GPU tests compile the kernels for real")
 def test_kernels_compile_for_hopper_without_a_gpu():
     """Every kernel lowers to sm_90 machine code (ptxas included), the bfloat16 GEMMs on wgmma,
-    and no kernel asks for more shared memory than an H100/H200 block has (227 KiB)."""
+    and no kernel asks for more shared memory than an H100/H200 block has (227 KiB). The
+    target/error kernel, which must stream at copy bandwidth, loads 16 bytes per instruction
+    and has no integer division left (the channel of a value comes from constants)."""
     pytest.importorskip("triton.backends.compiler")
     import inspect
     code = inspect.getsource(_compile_for_hopper) + f"\n_compile_for_hopper({str(ROOT)!r})\n"
@@ -702,8 +713,10 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines()]
     assert len(rows) == 2 * 7, out.stdout
-    for k, (name, shared, wgmma) in enumerate(rows):
+    for k, (name, shared, wgmma, divisions, vector_loads) in enumerate(rows):
         assert int(shared) <= 227 * 1024, f"{name} needs {shared} bytes of shared memory"
+        if name == "_target_error_kernel":
+            assert (divisions, vector_loads) == ("0", "True"), rows[k]
         if k < 7 and name in ("_forward_kernel", "_update_kernel"):     # bfloat16 (float32
             assert wgmma == "True", f"{name} does not use wgmma"       # dots are IEEE FMAs)
 
