@@ -86,10 +86,13 @@ def _forward_kernel(x_ptr, n_ptr, w_ptr, bias_ptr, out_ptr,
 
 @triton.jit
 def _update_kernel(x_ptr, n_ptr, e_ptr, dw_ptr, db_ptr,
-                   O, K, P, width, p_tiles, steps, steps_per_split, scale,
+                   O, K, P, steps, steps_per_split, scale,
                    sxb, sxc, sxh, sxw, snk, snh, snw, seb, seo, seh, sew,
                    NMASKS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                   BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                   WIDTH: tl.constexpr, P_TILES: tl.constexpr):
+    # WIDTH and P_TILES are constants (one compile per spatial size): the positions of every
+    # step come from them by multiplications, not by integer divisions in the inner loop
     o_tile, k_tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o = o_tile * BLOCK_O + tl.arange(0, BLOCK_O)
     k = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -99,10 +102,10 @@ def _update_kernel(x_ptr, n_ptr, e_ptr, dw_ptr, db_ptr,
     start = split * steps_per_split
     stop = tl.minimum(start + steps_per_split, steps)
     for t in range(start, stop):
-        b = (t // p_tiles).to(tl.int64)
-        p = (t % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+        b = tl.cast(t // P_TILES, tl.int64)
+        p = (t % P_TILES) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = p < P
-        ph, pw = p // width, p % width
+        ph, pw = p // WIDTH, p % WIDTH
         ev = tl.load(e_ptr + b * seb + o[:, None] * seo + (ph * seh + pw * sew)[None, :],
                      mask=o_mask[:, None] & p_mask[None, :], other=0.0)
         u = _perturbed_tile(x_ptr + b * sxb, n_ptr, k, k_mask, ph * sxh + pw * sxw,
@@ -237,9 +240,10 @@ def pseudo_conv_update(x, noise, e, nmasks, *, bias=False, scale=1.0, out_dtype=
             split)
     _update_kernel[grid](
         x, noise, e, partial, bias_partial,
-        out_channels, k_total, positions, width, p_tiles, steps, per_split, float(scale),
+        out_channels, k_total, positions, steps, per_split, float(scale),
         *x.stride(), *noise.stride(), *e.stride(),
-        NMASKS=nmasks, HAS_BIAS=bool(bias), PRECISION=_precision(x.dtype), **cfg)
+        NMASKS=nmasks, HAS_BIAS=bool(bias), PRECISION=_precision(x.dtype), WIDTH=width,
+        P_TILES=p_tiles, **cfg)
     dw = partial[0] if split == 1 else partial.sum(0)
     dw = dw.to(out_dtype).reshape(out_channels, k_total, 1, 1)
     if bias:
