@@ -223,8 +223,9 @@ class Generator(UpdateStage):
 
     def _fused_error(self, site, alpha, kappa):
         """On the Triton path, the site's error by the fused kernel (one pass, math in float32,
-        z recomputed from h, the target never stored). False when the kernels are off or the site's activation
-        has no kernel row (its torch lines are emitted instead)."""
+        z recomputed from h, the target never stored, sum(e^2) per sample kept for the norm).
+        False when the kernels are off or the site's activation has no kernel row (its torch
+        lines are emitted instead)."""
         if not self.o.get("use_kernels"):
             return False
         found = self._kernel_activation(site)

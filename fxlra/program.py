@@ -289,11 +289,12 @@ def _with_norms(loss, errors, updates, error_sq):
 def _error_norms(errors, error_sq):
     """Every site's error norm, in float32 or wider, in the order of ``errors``."""
     norms = {}
-    rest = [errors[s] for s in errors if s not in error_sq]
+    rest = [s for s in errors if s not in error_sq]
     if rest:
-        dtype = torch.float64 if any(e.dtype == torch.float64 for e in rest) else torch.float32
-        norms.update(zip([s for s in errors if s not in error_sq],
-                         torch._foreach_norm(rest, 2, dtype=dtype)))
+        tensors = [errors[s] for s in rest]
+        wide = any(e.dtype == torch.float64 for e in tensors)
+        norms.update(zip(rest, torch._foreach_norm(tensors, 2, dtype=torch.float64 if wide
+                                                   else torch.float32)))
     if error_sq:
         norms.update(zip(error_sq, torch.stack(list(error_sq.values())).sum(1).sqrt().unbind()))
     return torch.stack([norms[s] for s in errors])
