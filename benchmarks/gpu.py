@@ -14,7 +14,8 @@ kernel timing) written as JSON with the hardware, versions, dtype, batch sizes a
                   bf16 autocast, channels_last, AdamW: backprop eager, backprop torch.compile and
                   fxlra's prog.step (torch ops on one stream; with kernels; with kernels on 4
                   streams, the default; replayed as a CUDA graph; torch ops under
-                  torch.compile), with peak memory; each one guarded, errors recorded; the
+                  torch.compile), with peak memory and floor / measured against the H200
+                  floors benchmarks/work.py counted; each one guarded, errors recorded; the
                   eager variants of every case before the compiled ones
 
 Usage:
@@ -489,7 +490,7 @@ def steps_section(clock, device, dtype, smoke, compile_backend):
                     free()
     out = {}
     for name, (row, _) in cases.items():
-        out[name] = summarised(row)
+        out[name] = summarised(row, counted_floors(name, row))
         ms = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
         print(f"step {name}: " + "  ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     return out
@@ -546,9 +547,35 @@ def measure_step(clock, device, variant, make):
     return {"ms": ms, "peak_memory_bytes": peak}
 
 
-def summarised(row):
-    """The row with the ratios the goals are stated in."""
+# which of benchmarks/work.py's counted steps bounds each timed variant
+FLOOR_OF = {"backprop_eager": "backprop", "backprop_compiled": "backprop",
+            "fxlra_torch_one_stream": "fxlra_torch", "fxlra_compiled": "fxlra_torch",
+            "fxlra_one_stream": "fxlra_kernels", "fxlra": "fxlra_kernels",
+            "fxlra_cuda_graph": "fxlra_kernels"}
+
+
+def counted_floors(name, row):
+    """benchmarks/work.py's H200 floors (ms) for this case's steps, when its results hold the
+    same case (model, batch, input), else {}."""
+    path = ROOT / "benchmarks" / "results" / "work.json"
+    try:
+        counted = json.loads(path.read_text())["results"].get(name, {})
+    except (OSError, ValueError, KeyError):
+        return {}
+    if (counted.get("batch"), counted.get("input")) != (row["batch"], row["input"]):
+        return {}
+    return {step: counted[step]["floor_ms"] for step in dict.fromkeys(FLOOR_OF.values())
+            if step in counted}
+
+
+def summarised(row, floors=None):
+    """The row with the ratios the goals are stated in, and how close each variant ran to the
+    floor that benchmarks/work.py counted for its kind of step (floor / measured)."""
     ms = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
+    if floors:
+        row["floor_ms"] = floors
+        row["floor_over_measured"] = {k: floors[FLOOR_OF[k]] / v for k, v in ms.items()
+                                      if FLOOR_OF.get(k) in floors}
     for base in ("backprop_eager", "backprop_compiled"):
         if "fxlra" in ms and base in ms:
             row[f"fxlra_over_{base}"] = ms["fxlra"] / ms[base]
