@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 import fxlra                                                        # noqa: E402
 from fxlra import local, models, rules                              # noqa: E402
 from fxlra.nn import LEAF_MODULES, PerturbativeConv2d               # noqa: E402
+from step_cpu import median_ms                   # the wall-clock timer  # noqa: E402
 
 NOMINAL_BANDWIDTH = 4.2e12           # bytes/s, H200 HBM3e (DESIGN.md section 3)
 STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]                 # ResNet-18: channels, size
@@ -133,12 +134,7 @@ class Clock:
             fn()
         repeats = repeats or self.repeats
         if self.device.type != "cuda":
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+            return median_ms(fn, repeats, warmup=0)
         torch.cuda.synchronize()
         events = []
         for _ in range(repeats):

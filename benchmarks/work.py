@@ -200,16 +200,14 @@ def extrapolated(runs, batches, batch):
             for (op, f0, m0), (_, f1, m1) in zip(r0, r1)]
 
 
-def floor_ms(op_rows):
-    return 1e3 * sum(max(f / PEAK_FLOPS, m / BANDWIDTH) for _, f, m in op_rows)
-
-
 def summary(op_rows, top=8):
+    """Totals of one step's ops, its floor (the sum of the ops' rooflines) and the op kinds
+    with the largest share of it."""
     by_op = Counter()
     for op, f, m in op_rows:
         by_op[op] += max(f / PEAK_FLOPS, m / BANDWIDTH) * 1e3
     return {"ops": len(op_rows), "gflop": sum(f for _, f, _ in op_rows) / 1e9,
-            "gbytes": sum(m for _, _, m in op_rows) / 1e9, "floor_ms": floor_ms(op_rows),
+            "gbytes": sum(m for _, _, m in op_rows) / 1e9, "floor_ms": sum(by_op.values()),
             "top_floor_ms": dict(by_op.most_common(top))}
 
 
