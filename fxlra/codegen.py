@@ -51,6 +51,8 @@ class Generator(UpdateStage):
         self.place = dict(options.get("placement") or {})   # site -> device index (0: home)
         self._copies = {}                # (variable, device index) -> its copy's name
         self._error_sq = {}              # site -> per-sample sum(e^2) from the fused kernel
+        self._input_vjp = {}             # op -> its grads, which hold its input-VJP too
+        self._region_of = {n: s for s in plan.sites for n in s.region}
         if self.place:
             self.env["DEVICES"] = list(options["devices"])
 

@@ -38,15 +38,19 @@ class UpdateStage:
                          [t for _, _, t in done])
 
     def _phi_prime(self, site, value):
-        name = site.activation
+        return self._derivative(self.nodes[site.name], value)
+
+    def _derivative(self, node, value):
+        """phi'(value) of the activation ``node``, as source."""
+        name = ops.activation_name(node, self.modules)
         if name in local.DERIVATIVES:
             fn = self.glob(local.DERIVATIVES[name], f"phi_prime_{name}")
-            return f"{fn}({self.opcall(self.nodes[site.name])}, {value})"
-        derivative = ops.activation_derivative(self.nodes[site.name], self.modules)
+            return f"{fn}({self.opcall(node)}, {value})"
+        derivative = ops.activation_derivative(node, self.modules)
         if derivative is not None:
             return f"{self.glob(derivative, 'derivative_' + name)}({value})"
         fn = self.glob(_jvp_derivative, "jvp_derivative")
-        return f"{fn}({self.opcall(self.nodes[site.name])}, {value})"
+        return f"{fn}({self.opcall(node)}, {value})"
 
     def _site_updates(self, site):
         region = set(site.region)
@@ -68,10 +72,17 @@ class UpdateStage:
                 self._param_update(node, c)
             if name == site.name and site.kind == "activation":
                 continue
+            if name in site.crosses:            # an activation inside a block: its own VJP
+                x = node.args[0].name
+                self._cot(x, f"{c} * {self._derivative(node, x)}", defined, [c, x])
+                continue
             self._carry(node, c, region, defined)
 
     def _cot(self, name, expr, defined, uses):
-        if name in defined:
+        if name in defined and expr.startswith("{"):     # parts of a tuple-valued op's output
+            self.src.add(f"cot_{name} = local.add_cotangents(cot_{name}, {expr})",
+                         [f"cot_{name}"], uses + [f"cot_{name}"])
+        elif name in defined:
             self.src.add(f"cot_{name} = cot_{name} + {expr}", [f"cot_{name}"],
                          uses + [f"cot_{name}"])
         else:
@@ -84,7 +95,7 @@ class UpdateStage:
         inputs = [a for a in node.all_input_nodes if a.name in region]
         if not inputs:
             return
-        signs = ops.pass_through_signs(node, self.modules)
+        signs = ops.carry_signs(node, self.modules, self.o["norm_error"])
         if signs is not None:
             for k, a in enumerate(node.args[:len(signs)]):
                 if isinstance(a, fx.Node) and a.name in region:
@@ -110,6 +121,15 @@ class UpdateStage:
         rule = local.lookup(local.CARRY_MODULES, local.CARRY_FUNCTIONS, local.CARRY_METHODS,
                             self._opcalls[node.name])
         x = node.args[0]
+        if node.name in self._input_vjp and len(inputs) == 1 and inputs[0] is x:
+            self._cot(x.name, f"{self._input_vjp[node.name]}['input']", defined,
+                      [self._input_vjp[node.name]])
+            return
+        if node.op == "call_function" and ops.is_norm(node, self.modules):
+            self._cot(x.name, f"local.functional_norm_vjp({self.opcall(node)}, "
+                      f"{self._call_form(node)}, {c})", defined,
+                      [c] + [a.name for a in node.all_input_nodes])
+            return
         if rule is not None and len(inputs) == 1 and inputs[0] is x:
             fn = self.glob(rule, f"carry{rule.__name__}")
             self._cot(x.name, f"{fn}({self.opcall(node)}, {x.name}, {c})", defined, [c, x.name])
@@ -140,8 +160,13 @@ class UpdateStage:
             if self.o.get("use_kernels") and self._rule(node) in KERNEL_GRADS:
                 owner = self.glob(self._kernels(), "kernels")     # the fused Triton update
             stats = [self._bn_stats[node.name]] if node.name in self._bn_stats else []
-            self.src.add(f"{target} = {owner}.{fn.__name__}({', '.join([module, x, c] + stats)})",
-                         [target], [c, x] + stats)
+            args = [module, x, c] + stats
+            if owner == "local" and self._fuses_input_vjp(node, fn):
+                args = [module, x, c] + ([(stats or ["None"])[0]] if fn is local.batchnorm_grads
+                                         else []) + ["with_input=True"]
+                self._input_vjp[node.name] = target      # the input-VJP from the same call
+            self.src.add(f"{target} = {owner}.{fn.__name__}({', '.join(args)})", [target],
+                         [c, x] + stats)
             keys = [n[len(node.target) + 1:] for n in names]
             if fn is local.linear_grads:
                 self._linear_grads[(x, self._alias.get(c, c))] = target
@@ -163,6 +188,20 @@ class UpdateStage:
             keys = list(range(len(names)))
         for key, qual in zip(keys, names):
             self.update_names.append((f"model.{qual}", f"{target}[{key!r}]", target))
+
+    def _fuses_input_vjp(self, node, fn):
+        """Whether the op's weight-gradient call also returns its input-VJP: the site's error
+        goes on to the op's input (in the same region: a norm under norm_error="vjp", a conv or
+        linear inside a block) and the rule can give it from the same backward call."""
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return False
+        if fn is local.batchnorm_grads:
+            wanted = self.o["norm_error"] == "vjp"
+        else:
+            wanted = fn in (local.conv_grads, local.linear_grads) and \
+                local.fuses_input_vjp(self.modules[node.target])
+        site = self._region_of.get(node.name)
+        return wanted and site is not None and node.args[0].name in site.region
 
     def _rule(self, node):
         return next(r.rule for r in self.plan.params if r.op == node.name)

@@ -12,21 +12,35 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops
+from .nn import PerturbativeConv2d
 from .errors import UnsupportedError
 
 aten = torch.ops.aten
 
 
 # -- weight-gradients: rule(module, x, c) -> {local parameter name: summed gradient} -------------
-def linear_grads(m, x, c):
+def linear_grads(m, x, c, with_input=False):
+    """weight: c^T x, bias: sum(c); ``with_input``: also the input-VJP c W (key "input"),
+    which carries the error on through the op inside a block (scope="block")."""
     c2, x2 = c.reshape(-1, c.shape[-1]), x.reshape(-1, x.shape[-1])
     grads = {"weight": c2.t() @ x2}
     if m.bias is not None:
         grads["bias"] = c2.sum(0)
+    if with_input:
+        grads["input"] = (c2 @ m.weight.to(c2.dtype)).reshape(x.shape)
     return grads
 
 
-def conv_grads(m, x, c):
+def fuses_input_vjp(m):
+    """Whether ``conv_grads`` can return the input-VJP too (zero padding given as numbers; other
+    padding modes pad the input first, and their input-VJP comes from torch.func)."""
+    return not isinstance(m, nn.modules.conv._ConvNd) or (
+        m.padding_mode == "zeros" and not isinstance(m.padding, str))
+
+
+def conv_grads(m, x, c, with_input=False):
+    """weight and bias by ATen's convolution backward; ``with_input``: also the input-VJP from
+    the same call (key "input"; only where ``fuses_input_vjp(m)``)."""
     dtype = ops.compute_dtype(x, c)
     x, c = x.to(dtype), c.to(dtype)
     padding = m.padding
@@ -35,12 +49,14 @@ def conv_grads(m, x, c):
         x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
         padding = (0,) * (x.dim() - 2)
     bias = [m.out_channels] if m.bias is not None else None
-    _, dw, db = aten.convolution_backward(c, x, m.weight.to(dtype), bias, m.stride, padding,
-                                          m.dilation, False, [0] * (x.dim() - 2), m.groups,
-                                          [False, True, m.bias is not None])
+    dx, dw, db = aten.convolution_backward(c, x, m.weight.to(dtype), bias, m.stride, padding,
+                                           m.dilation, False, [0] * (x.dim() - 2), m.groups,
+                                           [with_input, True, m.bias is not None])
     grads = {"weight": dw}
     if m.bias is not None:
         grads["bias"] = db
+    if with_input:
+        grads["input"] = dx
     return grads
 
 
@@ -77,29 +93,34 @@ def batchnorm_forward(m, x):
     return out, ((mean, invstd) if train else None)
 
 
-def batchnorm_grads(m, x, c, stats=None):
+def batchnorm_grads(m, x, c, stats=None, with_input=False):
     """gamma: sum(c * xhat), beta: sum(c), over batch and space, by ATen's batch-norm backward
-    (weight and bias only) with the batch statistics in training (``stats`` from
-    ``batchnorm_forward``, else recomputed from ``x``), the running ones in eval."""
-    if m.weight is None and m.bias is None:
+    with the batch statistics in training (``stats`` from ``batchnorm_forward``, else recomputed
+    from ``x``), the running ones in eval. ``with_input``: also the input-VJP (key "input"),
+    from the same backward call, which carries the site's error through the norm."""
+    if m.weight is None and m.bias is None and not with_input:
         return {}
     train = m.training or m.running_mean is None
     save_mean = save_invstd = None
-    weight = m.weight if m.weight is not None else torch.ones_like(m.running_mean)
+    weight = m.weight if m.weight is not None else torch.ones(
+        x.shape[1], dtype=x.dtype if m.running_mean is None else m.running_mean.dtype,
+        device=x.device)
     if train and stats is not None:
         save_mean, save_invstd = stats
     elif train:    # statistics in the parameters' dtype (mixed precision under autocast)
         dims = [0] + list(range(2, x.dim()))
         var, save_mean = torch.var_mean(x.to(weight.dtype), dims, correction=0)
         save_invstd = torch.rsqrt(var + m.eps)
-    _, dw, db = aten.native_batch_norm_backward(
-        c.to(x.dtype), x, weight, m.running_mean, m.running_var, save_mean, save_invstd, train, m.eps,
-        [False, m.weight is not None, m.bias is not None])
+    dx, dw, db = aten.native_batch_norm_backward(
+        c.to(x.dtype), x, weight, m.running_mean, m.running_var, save_mean, save_invstd, train,
+        m.eps, [with_input, m.weight is not None, m.bias is not None])
     grads = {}
     if m.weight is not None:
         grads["weight"] = dw
     if m.bias is not None:
         grads["bias"] = db
+    if with_input:
+        grads["input"] = dx
     return grads
 
 
@@ -132,6 +153,22 @@ def perturbative_grads(m, x, c):
     if m.bias is not None:
         grads["bias"] = c.sum((0, 2, 3))
     return grads
+
+
+def _perturbative_input(call, x, c):
+    """fxlra.nn.PerturbativeConv2d's input-VJP: the 1x1 combination transposed, ReLU's mask
+    at x + n, summed over the masks of each input channel, then the stride's average pool
+    transposed."""
+    m = call.module
+    pooled = x if m.stride == (1, 1) else F.avg_pool2d(x, m.stride, m.stride, ceil_mode=True)
+    noise = m.masks(pooled.shape[-2], pooled.shape[-1], pooled).to(pooled.dtype)
+    g = torch.einsum("bohw,ok->bkhw", c.to(m.weight.dtype), m.weight[:, :, 0, 0]).to(x.dtype)
+    g = g * (pooled.repeat_interleave(m.nmasks, dim=1) + noise > 0)
+    g = g.reshape(g.shape[0], m.in_channels, m.nmasks, *g.shape[2:]).sum(2)
+    if m.stride == (1, 1):
+        return g
+    return aten.avg_pool2d_backward(g, x, list(m.stride), list(m.stride), [0, 0], True, True,
+                                    None)
 
 
 def locally_connected_grads(m, x, c):
@@ -222,8 +259,56 @@ def cat_part(c, dim, inputs, k):
 
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 
+
+# -- normalisation layers' input-VJPs (norm_error="vjp"), with the statistics the forward used -----
+def _batchnorm_input(call, x, c):
+    return batchnorm_grads(call.module, x, c, with_input=True)["input"]
+
+
+def _layernorm_input(call, x, c):
+    m = call.module
+    shape = list(m.normalized_shape)
+    _, mean, rstd = aten.native_layer_norm(x, shape, m.weight, m.bias, m.eps)
+    return aten.native_layer_norm_backward(c.to(x.dtype), x, shape, mean, rstd, m.weight,
+                                           m.bias, [True, False, False])[0]
+
+
+def _groupnorm_input(call, x, c):
+    m = call.module
+    n, channels = x.shape[0], x.shape[1]
+    spatial = x[0, 0].numel()
+    _, mean, rstd = aten.native_group_norm(x, m.weight, m.bias, n, channels, spatial,
+                                           m.num_groups, m.eps)
+    return aten.native_group_norm_backward(c.to(x.dtype), x, mean, rstd, m.weight, n, channels,
+                                           spatial, m.num_groups, [True, False, False])[0]
+
+
+def _module_input_vjp(call, x, c):
+    """The input-VJP of a norm module without an ATen rule here (InstanceNorm, RMSNorm, LRN):
+    torch.func on the module alone, its buffers copied so running statistics do not move."""
+    m = call.module
+    state = {**{n: p.detach() for n, p in m.named_parameters()},
+             **{n: b.clone() for n, b in m.named_buffers()}}
+    _, pullback = torch.func.vjp(lambda v: torch.func.functional_call(m, state, (v,)), x)
+    return pullback(c.to(x.dtype))[0]
+
+
+def functional_norm_vjp(call, args, kwargs, c):
+    """The input-VJP of F.batch_norm / F.layer_norm / F.group_norm at its recorded arguments;
+    the other tensors (running statistics, affine parameters) are copies, so nothing moves."""
+    x, rest = args[0], [a.clone() if isinstance(a, torch.Tensor) else a for a in args[1:]]
+    kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    _, pullback = torch.func.vjp(lambda v: call.target(v, *rest, **kw), x)
+    return pullback(c.to(x.dtype))[0]
+
+
 CARRY_MODULES = {nn.Flatten: _reshape_back, nn.MaxPool2d: _max_pool2d,
-                 nn.AvgPool2d: _avg_pool2d, nn.AdaptiveAvgPool2d: _adaptive_avg_pool2d}
+                 nn.AvgPool2d: _avg_pool2d, nn.AdaptiveAvgPool2d: _adaptive_avg_pool2d,
+                 nn.modules.batchnorm._BatchNorm: _batchnorm_input, nn.LayerNorm: _layernorm_input,
+                 nn.GroupNorm: _groupnorm_input,
+                 nn.modules.instancenorm._InstanceNorm: _module_input_vjp,
+                 nn.RMSNorm: _module_input_vjp, nn.LocalResponseNorm: _module_input_vjp,
+                 PerturbativeConv2d: _perturbative_input}
 CARRY_FUNCTIONS = {torch.flatten: _reshape_back, torch.reshape: _reshape_back,
                    torch.mean: _mean, torch.permute: _permute, torch.transpose: _transpose}
 CARRY_METHODS = {"flatten": _reshape_back, "view": _reshape_back, "reshape": _reshape_back,
@@ -315,6 +400,17 @@ def lookup(table_modules, table_functions, table_methods, call):
     if call.op == "call_function":
         return table_functions.get(call.target)
     return table_methods.get(call.target)
+
+
+def add_cotangents(a, b):
+    """The sum of two cotangents of one tuple-valued op, each {index: cotangent} (nested as
+    deep as the op's tuples), as from two ``getitem`` users inside one region."""
+    if not isinstance(a, dict):
+        return a + b
+    merged = dict(a)
+    for k, v in b.items():
+        merged[k] = add_cotangents(merged[k], v) if k in merged else v
+    return merged
 
 
 def _cotangent_like(out, cot):

@@ -114,6 +114,28 @@ def pass_through_signs(node, modules):
     return _lookup(node, modules, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS)[1]
 
 
+# --- normalisation layers: carried by their input-VJP (norm_error="vjp") or unchanged ("pass") ---
+NORM_ERRORS = ("vjp", "pass")
+_NORM_FUNCTIONS = {F.batch_norm: True, F.layer_norm: True, F.group_norm: True}
+
+
+def is_norm(node, modules):
+    """Whether the node is a normalisation layer (module or function)."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _NORMS)
+    return node.op == "call_function" and node.target in _NORM_FUNCTIONS
+
+
+def carry_signs(node, modules, norm_error):
+    """How a site's error crosses ``node`` on its way to the site's ops: the signs with which it
+    passes unchanged to each tensor input, or None when the node's own VJP carries it (every
+    shape-changing op, and a normalisation layer under ``norm_error="vjp"``, with the statistics
+    its forward used)."""
+    if norm_error == "vjp" and is_norm(node, modules):
+        return None
+    return pass_through_signs(node, modules)
+
+
 # --- parametrised ops: rule name, whether the op mixes features (a "weight op"), channel axis ----
 # A weight op (linear, conv, attention, ...) needs a site in front of it when its input still
 # carries an unresolved error; an elementwise parametrised op (norm affine, bias, scale) does not.

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 SITE_KINDS = ("output", "activation", "identity")
-SYNAPSE_KINDS = ("dense", "broadcast", "pointwise", "pool")
+SYNAPSE_KINDS = ("dense", "spatial", "broadcast", "pointwise", "pool")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Site:
     layout: Layout
     region: tuple        # nodes whose output error is this site's, in forward order (site last)
     ops: tuple           # parametrised ops in the region, in forward order
+    crosses: tuple = ()  # activations inside the region that its error crosses by their VJP
+                         # (scope="block": the sites inside a residual block joined its output)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,17 @@ class Block:
     output: str
     input: object
     downsample: bool
+
+
+def stages_of(blocks):
+    """Residual blocks grouped into stages (a stage starts at a block with a downsample
+    shortcut), each stage as one Block from its first block's input to its last one's output."""
+    groups = []
+    for b in blocks:
+        if not groups or b.downsample:
+            groups.append([])
+        groups[-1].append(b)
+    return tuple(Block(g[-1].output, g[0].input, g[0].downsample) for g in groups)
 
 
 @dataclass(frozen=True)
@@ -182,6 +195,9 @@ class Plan:
             parents = ", ".join(self.parents(s.name)) or "labels"
             lines.append(f"  {s.name:<24} {s.kind:<10} phi={s.activation:<10} {str(s.layout):<18}"
                          f" depth {depth[s.name]}  error from: {parents}")
+            if s.crosses:
+                lines.append(f"  {'':<24} block-local VJP: its error crosses {', '.join(s.crosses)}"
+                             " inside the block (scope='block')")
         if self.blocks:
             lines.append("residual blocks (merge -> output site, fed by, shortcut):")
             for b in self.blocks:

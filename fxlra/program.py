@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import (analysis, codegen, graphs, health, passes, paths, placement, reference, rules,
-               shapes, streams, synapses as syn, trace, wiring as wiring_mod)
+from . import (analysis, codegen, graphs, health, ops, passes, paths, placement, presets,
+               reference, rules, shapes, streams, synapses as syn, trace, wiring as wiring_mod)
 from .errors import InputError, OptionError, WiringError
 from .plan import Edge, Plan
 
@@ -101,10 +101,13 @@ class Program(nn.Module):
         """For every parameter: its site, its rule, and the sites its error comes from."""
         lines = [f"{'parameter':<44} {'site':<22} {'rule':<12} error from"]
         depth = self.plan.depth
+        crossed = {s.name: s.crosses for s in self.plan.sites if s.crosses}
         for r in self.plan.params:
             parents = ", ".join(self.plan.parents(r.site)) or "labels (output)"
             note = "  (local VJP of the op: fxlra has no rule of its own)" \
                 if r.rule == "local-vjp" else ""
+            if r.site in crossed and self._crosses_to(r):
+                note += "  (block-local VJP: its error crosses an activation inside the block)"
             lines.append(f"model.{r.param:<38} {r.site:<22} {r.rule:<12} {parents}"
                          f" [depth {depth[r.site]}]{note}")
         for e in self.plan.edges:
@@ -115,9 +118,26 @@ class Program(nn.Module):
         if carried:
             lines.append(f"Errors are carried back through {', '.join(carried)} by that op's own "
                          "local VJP (torch.func; fxlra has no explicit rule for it).")
-        lines.append("No parameter is trained by backpropagation: every update uses only its own "
-                     "site's error.")
+        if crossed:
+            lines.append("scope='block' (the paper's hybrid): the parameters marked 'block-local "
+                         "VJP' are updated by the local VJP of their residual block, from the block "
+                         "output's error, through the activations "
+                         f"{', '.join(a for c in crossed.values() for a in c)} inside it (backprop "
+                         "within one block; no error crosses a block boundary except through an "
+                         "error synapse). scope='layer' gives every activation its own site.")
+            lines.append("No parameter is trained by backpropagation across a block boundary: "
+                         "every update uses only its own site's error.")
+        else:
+            lines.append("No parameter is trained by backpropagation: every update uses only its "
+                         "own site's error.")
         return "\n".join(lines)
+
+    def _crosses_to(self, rule):
+        """Whether the error reaching ``rule``'s op crossed an activation of the block (the op
+        comes before one of the activations its site's region crosses)."""
+        site = self.plan.site(rule.site)
+        position = {n: k for k, n in enumerate(site.region)}
+        return any(position[rule.op] < position[a] for a in site.crosses)
 
     def draw(self, path, **kwargs):
         """Draw the sites and the error wiring to ``path`` (PNG, SVG, ...); see fxlra.draw."""
@@ -308,6 +328,10 @@ def _stacked_norms(tensors, device):
     return torch.stack(norms)
 
 
+def _node(gm, name):
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
 def _features(gm, name):
     """Features per sample of a node's value (its size without the batch dimension)."""
     shape = shapes.shape_of(next(n for n in gm.graph.nodes if n.name == name)) or (1, 1)
@@ -346,7 +370,7 @@ def _check_streams(choice, devices, cuda_graph):
         raise OptionError(f"cuda_graph must be True or False, got {cuda_graph!r}")
 
 
-def _build_edges(plan_sites, graph, overrides, std):
+def _build_edges(plan_sites, graph, overrides, std, gm=None, map_synapse="spatial"):
     """Edges of the error graph with their synapse modules, in a deterministic order."""
     index = {s.name: s for s in plan_sites}
     position = {s.name: k for k, s in enumerate(plan_sites)}
@@ -358,7 +382,9 @@ def _build_edges(plan_sites, graph, overrides, std):
     edges, modules = [], {}
     for parent, child in pairs:
         override = overrides.get((parent, child))
-        module = syn.make(index[parent].layout, index[child].layout, std, override)
+        shape = shapes.shape_of(_node(gm, child)) if gm is not None else None
+        module = syn.make(index[parent].layout, index[child].layout, std, override, shape,
+                          map_synapse)
         kind = module.kind if isinstance(module, syn.Synapse) else "custom"
         edge = Edge(parent, child, kind, index[parent].layout.channels,
                     index[child].layout.channels)
@@ -371,13 +397,18 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
             alpha=1.0, kappa=1.0, error_rule="hebbian-z", local_rule="hebbian", clip=1.0,
             error_init_std=0.05, synapses=None, leaf_modules=(), concrete_args=None,
             example_inputs=None, nonfinite="raise", max_skips=10, kernels="auto", devices=None,
-            streams="auto", cuda_graph=False):
+            streams="auto", cuda_graph=False, preset=None, scope=None, norm_error=None, map_synapse=None):
     """Trace ``model``, find its error sites, wire them, and return a :class:`Program`.
 
     See the README for every option and the paper's value of each in each experiment.
     """
     rules.check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
                         error_init_std)
+    chosen = presets.resolve(preset, scope=scope, norm_error=norm_error, map_synapse=map_synapse)
+    scope, norm_error, map_synapse = chosen["scope"], chosen["norm_error"], chosen["map_synapse"]
+    rules.check_choice("norm_error", norm_error, ops.NORM_ERRORS)
+    rules.check_choice("map_synapse", map_synapse, syn.MAP_SYNAPSES)
+    rules.check_choice("scope", scope, analysis.SCOPES)
     health.check_options(nonfinite, max_skips)
     devices = placement.check_devices(devices)
     _check_streams(streams, devices, cuda_graph)
@@ -386,15 +417,16 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
                           f"{list(KERNEL_CHOICES)}")
     gm = passes.make_out_of_place(trace.trace(model, leaf_modules, concrete_args))
     sites, params, site_graph = analysis.analyse(gm, model, rules.OUTPUT_PHI[loss],
-                                                     example_inputs)
+                                                 example_inputs, scope)
     graph, name = wiring_mod.build(wiring, site_graph, depth)
-    edges, modules = _build_edges(sites, graph, synapses, error_init_std)
+    edges, modules = _build_edges(sites, graph, synapses, error_init_std, gm, map_synapse)
     plan = Plan(sites=sites, outputs=site_graph.outputs, params=params, edges=edges,
                 wiring=name, blocks=site_graph.blocks).verify()
     options = dict(loss=loss, beta=beta, gamma=gamma, alpha=alpha, kappa=kappa,
                    error_rule=error_rule, local_rule=local_rule, clip=clip,
                    nonfinite=nonfinite, max_skips=max_skips, kernels=kernels, streams=streams,
-                   cuda_graph=cuda_graph)
+                   cuda_graph=cuda_graph, preset=preset or "fxlra", scope=scope, norm_error=norm_error,
+                   map_synapse=map_synapse)
     like = next(model.parameters(), torch.empty(0))
     if devices is not None:
         if devices[0] != like.device:

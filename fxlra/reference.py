@@ -150,7 +150,7 @@ class _Run:
             if name == site.name and site.kind == "activation":
                 self._add(cot, site.h, start)
                 continue
-            for a, ca in self._input_cotangents(node, c, region):
+            for a, ca in self._input_cotangents(node, c, region, name in site.crosses):
                 self._add(cot, a, ca)
         return cot
 
@@ -167,11 +167,14 @@ class _Run:
         else:
             cot[name] = cot[name] + c
 
-    def _input_cotangents(self, node, c, region):
+    def _input_cotangents(self, node, c, region, crossing=False):
+        """(input, cotangent) pairs for the inputs of ``node`` in the region: unchanged through
+        the pass-through ops, else by the op's own VJP (an activation the site's region crosses,
+        ``crossing``, always by its VJP)."""
         inputs = [a for a in node.all_input_nodes if a.name in region]
         if not inputs:
             return []
-        signs = ops.pass_through_signs(node, self.modules)
+        signs = None if crossing else ops.carry_signs(node, self.modules, self.o["norm_error"])
         if signs is not None:
             out = []
             for k, a in enumerate(node.args[:len(signs)]):
@@ -182,9 +185,24 @@ class _Run:
                 isinstance(self.env[node.args[0].name], (tuple, list)):
             return [(node.args[0].name, {node.args[1]: c})]
         leaves = {a.name: self.env[a.name].detach().requires_grad_() for a in inputs}
-        grads = _local_grad(lambda: rerun(node, self.env, self.modules, leaves),
-                            list(leaves.values()), c)
+        grads = _local_grad(lambda: self._pure_rerun(node, leaves), list(leaves.values()), c)
         return list(zip(leaves, grads))
+
+    def _pure_rerun(self, node, leaves):
+        """Re-execute one op at its recorded inputs without changing any state: a module runs
+        on copies of its buffers (a BatchNorm's running statistics do not move), other tensor
+        arguments are copies too (F.batch_norm's running statistics)."""
+        copies = {a.name: self.env[a.name].clone() for a in node.all_input_nodes
+                  if a.name not in leaves and isinstance(self.env[a.name], torch.Tensor)}
+        replace = {**copies, **leaves}
+        if node.op != "call_module":
+            return rerun(node, self.env, self.modules, replace)
+        module = self.modules[node.target]
+        state = {**{n: p.detach() for n, p in module.named_parameters()},
+                 **{n: b.clone() for n, b in module.named_buffers()}}
+        args = fx.node.map_arg(node.args, lambda a: replace.get(a.name, self.env[a.name]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: replace.get(a.name, self.env[a.name]))
+        return functional_call(module, state, args, kwargs)
 
     def param_updates(self, site, cot, batch):
         updates = {}

@@ -37,6 +37,12 @@ def check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
         raise OptionError(f"clip must be a positive number or None, got {clip!r}")
 
 
+def check_choice(name, value, allowed):
+    """Raise OptionError unless ``value`` is one of ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise OptionError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+
+
 def at_depth(value, depth):
     """A per-depth option's value: a number, or a mapping whose deepest key covers deeper sites."""
     if not isinstance(value, Mapping):

@@ -2,7 +2,11 @@
 child site's z. Their kind follows the two layouts, so their size depends on feature counts only.
 
     vector  -> vector   "dense"      d = e W^T                              W: (C_i, C_j)
-    vector  -> spatial  "broadcast"  dense to C_i channels, broadcast over space
+    vector  -> spatial  "spatial"    dense to the child's C_i x H x W map, or (where that is
+                                     larger than SPATIAL_BUDGET weights) to a coarser C_i x h x w
+                                     grid, upsampled to H x W (nearest)     W: (C_i h w, C_j)
+    vector  -> spatial  "broadcast"  dense to C_i channels, broadcast over space (the paper's;
+                                     chosen for maps whose channels are not on axis 1)
     spatial -> spatial  "pointwise"  1x1 map over channels, then resized to the child's space
     spatial -> vector   "pool"       global average over space, then dense
 """
@@ -33,21 +37,46 @@ def _resize(x, size):
     return F.interpolate(x, size=tuple(size), mode="nearest")
 
 
-class Synapse(nn.Module):
-    """E_{j->i}: ``forward(e_j, shape_i)`` returns d shaped like z_i. ``weight`` is (C_i, C_j)."""
+# the most weights one "spatial" synapse may have; past it, its grid is coarsened
+SPATIAL_BUDGET = 1 << 20
 
-    def __init__(self, kind, in_features, out_features, parent_dim=1, child_dim=1, std=0.05):
+
+def spatial_grid(in_features, channels, size, budget=SPATIAL_BUDGET):
+    """The grid of a "spatial" synapse onto a map of ``size`` (H, W, ...): the full map when
+    ``in_features x channels x H x W`` fits the budget, else the map shrunk by the smallest
+    integer factor that fits (down to one cell: a broadcast)."""
+    size = tuple(int(n) for n in size)
+    for factor in range(1, max(size, default=1) + 1):
+        grid = tuple(-(-n // factor) for n in size)
+        if in_features * channels * math.prod(grid) <= budget:
+            return grid
+    return tuple(1 for _ in size)
+
+
+class Synapse(nn.Module):
+    """E_{j->i}: ``forward(e_j, shape_i)`` returns d shaped like z_i. ``weight`` is (C_i, C_j),
+    or (C_i * prod(grid), C_j) for a "spatial" synapse."""
+
+    def __init__(self, kind, in_features, out_features, parent_dim=1, child_dim=1, std=0.05,
+                 grid=None):
         super().__init__()
         if kind not in _APPLY:
             raise OptionError(f"unknown synapse kind {kind!r}; choose one of {sorted(_APPLY)}")
+        if (kind == "spatial") != (grid is not None):
+            raise OptionError("a 'spatial' synapse needs its grid (and only it takes one)")
         self.kind, self.parent_dim, self.child_dim = kind, parent_dim, child_dim
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) * std)
+        self.grid = tuple(grid) if grid is not None else None
+        rows = out_features * (math.prod(self.grid) if self.grid else 1)
+        self.weight = nn.Parameter(torch.randn(rows, in_features) * std)
 
     def forward(self, e, shape):
         return _APPLY[self.kind](self, e, tuple(shape))
 
     def extra_repr(self):
         out, inp = self.weight.shape
+        if self.grid:
+            return f"{self.kind}, {inp} -> {out // math.prod(self.grid)}x" + \
+                "x".join(map(str, self.grid))
         return f"{self.kind}, {inp} -> {out}"
 
 
@@ -58,6 +87,11 @@ def place(d, kind, shape, child_dim):
     view = [1] * len(shape)
     view[0], view[child_dim] = shape[0], shape[child_dim]
     return d.reshape(view).expand(shape)
+
+
+def _spatial(syn, e, shape):
+    d = (e @ syn.weight.t()).reshape(shape[0], shape[1], *syn.grid)
+    return _resize(d, shape[2:])
 
 
 def _dense(syn, e, shape):
@@ -90,11 +124,32 @@ def _pool(syn, e, shape):
     return e.mean(dim=spatial) @ syn.weight.t()
 
 
-_APPLY = {"dense": _dense, "broadcast": _broadcast, "pointwise": _pointwise, "pool": _pool}
+_APPLY = {"dense": _dense, "broadcast": _broadcast, "pointwise": _pointwise, "pool": _pool,
+          "spatial": _spatial}
 
 
 # -- explicit weight-gradients (summed over the batch), for the generated program ---------------
 def _dense_grad(syn, e, c):
+    return c.reshape(c.shape[0], -1).t() @ e
+
+
+def _resize_adjoint(c, size):
+    """The transpose of ``_resize(., c.shape[2:])`` applied to ``c``, from (B, C, *size):
+    adaptive average pooling's or nearest upsampling's backward (2-d maps; None otherwise)."""
+    if tuple(c.shape[2:]) == tuple(size):
+        return c
+    if c.dim() != 4 or len(size) != 2:
+        return None
+    source = [c.shape[0], c.shape[1], *size]
+    if all(t <= s for t, s in zip(c.shape[2:], size)):
+        return torch.ops.aten._adaptive_avg_pool2d_backward(c, c.new_empty(source))
+    return torch.ops.aten.upsample_nearest2d_backward(c, list(c.shape[2:]), source)
+
+
+def _spatial_grad(syn, e, c):
+    c = _resize_adjoint(c, syn.grid)
+    if c is None:
+        return None                         # a 1-d or 3-d map resized: torch.func
     return c.reshape(c.shape[0], -1).t() @ e
 
 
@@ -127,7 +182,7 @@ def _pointwise_grad(syn, e, c):
 
 
 _GRADS = {"dense": _dense_grad, "broadcast": _broadcast_grad, "pool": _pool_grad,
-          "pointwise": _pointwise_grad}
+          "pointwise": _pointwise_grad, "spatial": _spatial_grad}
 
 
 def weight_grads(synapse, e, c):
@@ -145,14 +200,36 @@ def weight_grads(synapse, e, c):
     return [grads[n] for n in params]
 
 
-def make(parent_layout, child_layout, std, override=None):
-    """The synapse module of an edge: the default for its layouts, a kind named in ``override``,
-    or the user's own module."""
+MAP_SYNAPSES = ("spatial", "broadcast")
+
+
+def default_kind(parent_layout, child_layout, child_shape, map_synapse="spatial"):
+    """The kind an edge gets by its layouts: "spatial" (``map_synapse``) from a vector to a
+    channels-first map, else the kind of ``KIND_BY_LAYOUT``."""
+    kind = KIND_BY_LAYOUT[(parent_layout.kind, child_layout.kind)]
+    if kind == "broadcast" and map_synapse == "spatial" and child_layout.channel_dim == 1 and \
+            len(child_shape) >= 3:
+        return "spatial"
+    return kind
+
+
+def make(parent_layout, child_layout, std, override=None, child_shape=None,
+         map_synapse="spatial"):
+    """The synapse module of an edge: the default for its layouts (and the child's shape), a
+    kind named in ``override``, or the user's own module."""
     if isinstance(override, nn.Module):
         return override
-    kind = override or KIND_BY_LAYOUT[(parent_layout.kind, child_layout.kind)]
+    shape = tuple(child_shape or ())
+    kind = override or default_kind(parent_layout, child_layout, shape, map_synapse)
+    if kind == "spatial" and (child_layout.kind != "spatial" or child_layout.channel_dim != 1
+                              or len(shape) < 3 or parent_layout.kind != "vector"):
+        raise OptionError(f"a 'spatial' synapse maps a vector error onto a channels-first map "
+                          f"(B, C, H, ...); this edge goes from {parent_layout} to {child_layout}"
+                          f"; use 'broadcast' or 'pointwise'")
+    grid = spatial_grid(parent_layout.channels, child_layout.channels, shape[2:]) \
+        if kind == "spatial" else None
     return Synapse(kind, parent_layout.channels, child_layout.channels,
-                   parent_layout.channel_dim, child_layout.channel_dim, std)
+                   parent_layout.channel_dim, child_layout.channel_dim, std, grid)
 
 
 def apply(synapse, e, shape, params=None):

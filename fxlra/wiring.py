@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import networkx as nx
 
 from .errors import WiringError
+from .plan import stages_of
 
 
 class Preset:
@@ -40,12 +41,14 @@ def _pairwise(graph, depth):
 
 
 def _stages(graph):
-    """Group block outputs into stages: a stage starts at a block with a downsample shortcut."""
-    stages = []
+    """Block outputs grouped into stages: a stage starts at a block with a downsample shortcut."""
+    stages, current = [], []
+    ends = {b.output for b in stages_of(graph.blocks)}
     for block in graph.blocks:
-        if not stages or block.downsample:
-            stages.append([])
-        stages[-1].append(block.output)
+        current.append(block.output)
+        if block.output in ends:
+            stages.append(current)
+            current = []
     return stages
 
 
@@ -65,9 +68,14 @@ def _residual(graph, depth):
     anchors += [stem] if stem is not None else []
     parent.update({a: root for a in anchors if a not in graph.outputs})
     edges = [(p, s) for s, p in parent.items()]
+    members = graph.members if graph.members is not None else {s: None for s in graph.sites}
     for s in _inner(graph):
-        if s not in parent:
+        if s in parent:
+            continue
+        if s in members:                      # inside a block: from the sites after it
             edges += [(p, s) for p in graph.downstream[s]]
+        else:                                 # outside every block: from the output
+            edges.append((root, s))
     return edges
 
 

@@ -20,6 +20,10 @@ def site(prog, name):
     return prog.plan.site(name)
 
 
+def site_of(prog, param):
+    return next(r.site for r in prog.plan.params if r.param == param)
+
+
 # -- sites ------------------------------------------------------------------------------------------
 def test_mlp_activations_are_sites_and_the_output_is_last():
     model = make_mlp(widths=(8, 7, 6), act=nn.Tanh)
@@ -66,7 +70,7 @@ def test_conv_bn_relu_is_one_site_owning_conv_and_bn():
 
 
 def test_downsample_conv_belongs_to_the_block_output_site():
-    prog = fxlra.compile(make_cnn())
+    prog = fxlra.compile(make_cnn(), scope="layer")
     (plain, down) = prog.plan.blocks
     assert not plain.downsample and down.downsample
     owners = {r.param: r.site for r in prog.plan.params}
@@ -75,6 +79,21 @@ def test_downsample_conv_belongs_to_the_block_output_site():
     assert owners["block2.conv2.weight"] == down.output
     assert owners["block2.conv1.weight"] != down.output
     assert "add_1" in site(prog, down.output).region      # the merge is in the block's region
+    assert all(not s.crosses for s in prog.plan.sites)
+
+
+def test_block_scope_joins_the_sites_inside_a_block_to_its_output():
+    layer = fxlra.compile(make_cnn(), scope="layer")
+    prog = fxlra.compile(make_cnn())                      # scope="block", the default
+    (plain, down) = prog.plan.blocks
+    assert [b.output for b in prog.plan.blocks] == [b.output for b in layer.plan.blocks]
+    owners = {r.param: r.site for r in prog.plan.params}
+    for name in ("conv1", "bn1", "conv2", "bn2", "downsample.0", "downsample.1"):
+        assert owners[f"block2.{name}.weight"] == down.output
+    inner = site_of(layer, "block2.conv1.weight")
+    assert inner not in prog.sites and site(prog, down.output).crosses == (inner,)
+    assert set(prog.sites) == set(layer.sites) - {inner, site_of(layer, "block1.conv1.weight")}
+    assert f"crosses {inner}" in str(prog) and "block-local VJP" in prog.explain()
 
 
 def test_resnet18_downsample_convs_belong_to_block_outputs_and_there_are_8_merges():
@@ -333,8 +352,8 @@ def _structure(plan):
 
 
 def test_renaming_modules_does_not_change_the_plan_structure():
-    a = fxlra.compile(make_cnn()).plan
-    b = fxlra.compile(RenamedCNN()).plan
+    a = fxlra.compile(make_cnn(), scope="layer").plan
+    b = fxlra.compile(RenamedCNN(), scope="layer").plan
     assert {s.name for s in a.sites} != {s.name for s in b.sites}     # the names did change
     assert _structure(a) == _structure(b)
     assert len(a.sites) == len(b.sites) == 6
@@ -424,13 +443,23 @@ def test_synapse_kinds_follow_the_layouts():
     assert [str(site(pre, s).layout) for s in pre.sites] == \
         ["spatial[4@1]", "spatial[6@1]", "vector[7]", "vector[5]"]
     wiring = {s_vec: out, s_map2: out, s_map1: [s_map2, s_vec]}
-    prog = fxlra.compile(m, wiring=wiring)
-    kinds = {(e.parent, e.child): e.synapse for e in prog.plan.edges}
+    x6 = torch.randn(2, 3, 6, 6)
+    paper = fxlra.compile(m, wiring=wiring, map_synapse="broadcast")
+    kinds = {(e.parent, e.child): e.synapse for e in paper.plan.edges}
     assert kinds == {(out, s_vec): "dense", (out, s_map2): "broadcast",
                      (s_map2, s_map1): "pointwise", (s_vec, s_map1): "broadcast"}
-    shapes = {k: tuple(prog.synapse(*k).weight.shape) for k in kinds}
+    shapes = {k: tuple(paper.synapse(*k).weight.shape) for k in kinds}
     assert shapes == {(out, s_vec): (7, 5), (out, s_map2): (6, 5), (s_map2, s_map1): (4, 6),
                       (s_vec, s_map1): (4, 7)}
+    # the default: a vector error reaches a channels-first map through a synapse dense to the
+    # whole map (6 x 6 here, the example batch's size)
+    prog = fxlra.compile(m, wiring=wiring, example_inputs=(x6,))
+    kinds = {(e.parent, e.child): e.synapse for e in prog.plan.edges}
+    assert kinds == {(out, s_vec): "dense", (out, s_map2): "spatial",
+                     (s_map2, s_map1): "pointwise", (s_vec, s_map1): "spatial"}
+    shapes = {k: tuple(prog.synapse(*k).weight.shape) for k in kinds}
+    assert shapes == {(out, s_vec): (7, 5), (out, s_map2): (6 * 36, 5), (s_map2, s_map1): (4, 6),
+                      (s_vec, s_map1): (4 * 36, 7)}
     pooled = fxlra.compile(m, wiring={s_map1: out, s_map2: out, s_vec: s_map2})
     edge = pooled.plan.edge(s_map2, s_vec)
     assert edge.synapse == "pool" and (edge.in_features, edge.out_features) == (6, 7)

@@ -33,13 +33,14 @@ def _drawn_sites(fig):
     return found
 
 
-@pytest.mark.parametrize("build, wiring, depths", [
-    (make_mlp, "direct", (0, 1)),
-    (make_cnn, "residual", (0, 1, 2)),
+@pytest.mark.parametrize("build, wiring, scope, depths", [
+    (make_mlp, "direct", "block", (0, 1)),
+    (make_cnn, "residual", "layer", (0, 1, 2)),
+    (make_cnn, "residual", "block", (0, 1)),
 ])
-def test_draw_writes_a_png(tmp_path, build, wiring, depths):
+def test_draw_writes_a_png(tmp_path, build, wiring, scope, depths):
     pytest.importorskip("matplotlib")
-    prog = fxlra.compile(build(), wiring=wiring)
+    prog = fxlra.compile(build(), wiring=wiring, scope=scope)
     path = tmp_path / "wiring.png"
     assert draw_mod.draw(prog, path) == path
     width, height = _png_size(path)

@@ -27,9 +27,19 @@ def batch(device="cpu"):
     return torch.randn(2, 3, 8, 8, device=device), torch.arange(2, device=device) % 10
 
 
+def test_block_scope_subtrees_on_other_devices_give_the_same_updates():
+    one, many = twins(["cpu", "cpu"])
+    assert set(many.options["placement"].values()) == {1}
+    x, y = batch()
+    a, b = one.updates(x, y), many.updates(x, y)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
 @pytest.mark.parametrize("error_rule", ["hebbian-z", "hebbian-d", "derived"])
 def test_subtrees_on_other_devices_give_the_same_updates(error_rule):
-    one, many = twins(["cpu", "cpu"], error_rule=error_rule)
+    one, many = twins(["cpu", "cpu"], error_rule=error_rule, scope="layer")
     where = many.options["placement"]
     assert set(where.values()) == {1} and len(where) > 4          # about half the sites moved
     assert "err_fc__on1 = err_fc.to(DEVICES[1], non_blocking=True)" in many.code

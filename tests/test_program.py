@@ -404,13 +404,21 @@ def test_register_activation_rejects_other_things():
         fxlra.register_activation(3)
 
 
-def test_a_step_under_bf16_autocast_is_close_to_the_float32_step():
+# the bias of a convolution followed by BatchNorm: BatchNorm's input-VJP removes the batch mean
+# of its error, so the bias's update (the error's sum) is zero
+BIAS_BEFORE_BATCHNORM = ("model.conv.bias",)
+
+
+@pytest.mark.parametrize("scope, tolerance", [("layer", 0.1), ("block", 0.15)])
+def test_a_step_under_bf16_autocast_is_close_to_the_float32_step(scope, tolerance):
     """Mixed precision: the forward runs in bf16, the weight-gradient ops take the autocast
     dtype, the updates land in the float32 .grad and agree with the float32 step to bf16
-    precision (every parameter's update within a few percent in norm)."""
+    precision (every parameter's update within a few percent in norm; inside a block the error
+    crosses more bf16 ops, convolutions' and norms' input-VJPs, so it rounds more)."""
     model = make_cnn()
     x, y = cnn_batch(8)
-    prog32, prog16 = fxlra.compile(copy.deepcopy(model)), fxlra.compile(copy.deepcopy(model))
+    prog32 = fxlra.compile(copy.deepcopy(model), scope=scope)
+    prog16 = fxlra.compile(copy.deepcopy(model), scope=scope)
     prog16.load_state_dict(prog32.state_dict())             # the same error synapses
     prog32.step(x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -418,5 +426,8 @@ def test_a_step_under_bf16_autocast_is_close_to_the_float32_step():
     assert out.loss.dtype == torch.bfloat16
     for (name, a), b in zip(prog32.named_parameters(), prog16.parameters()):
         assert b.grad.dtype == torch.float32, name
+        if name in BIAS_BEFORE_BATCHNORM:       # its exact update is 0: both are rounding noise
+            assert a.grad.abs().max() < 1e-5 and b.grad.abs().max() < 1e-2, name
+            continue
         err = (a.grad - b.grad).norm() / a.grad.norm().clamp_min(1e-12)
-        assert err < 0.1, (name, float(err))
+        assert err < tolerance, (name, float(err))

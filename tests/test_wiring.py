@@ -127,8 +127,19 @@ def _block(site):
     return "_".join(site.split("_")[:2])   # "layer3_1_relu_1" -> "layer3_1"
 
 
+def test_residual_resnet18_block_scope_feeds_every_block_output_from_the_output(resnet):
+    prog = fxlra.compile(resnet, wiring="residual")            # scope="block"
+    root = prog.sites[-1]
+    blocks = [b.output for b in prog.plan.blocks]
+    assert len(blocks) == 8 and prog.sites == (prog.plan.blocks[0].input, *blocks, root)
+    assert all(prog.plan.parents(s) == (root,) for s in prog.sites[:-1])
+    stage = fxlra.compile(resnet, wiring="residual", scope="stage")
+    assert [b.output for b in stage.plan.blocks] == blocks[1::2]  # the last block of each stage
+    assert stage.sites == (prog.plan.blocks[0].input, *blocks[1::2], root)
+
+
 def test_residual_resnet18_depth_2(resnet):
-    prog = fxlra.compile(resnet, wiring="residual")
+    prog = fxlra.compile(resnet, wiring="residual", scope="layer")
     plan, par = prog.plan, parents(prog)
     root = prog.sites[-1]
     assert root == "fc" and plan.outputs == ("fc",)
@@ -152,7 +163,7 @@ def test_residual_resnet18_depth_2(resnet):
 
 
 def test_residual_resnet18_depth_3_groups_blocks_by_stage(resnet):
-    prog = fxlra.compile(resnet, wiring="residual", depth=3)
+    prog = fxlra.compile(resnet, wiring="residual", depth=3, scope="layer")
     plan, par = prog.plan, parents(prog)
     root, stem = "fc", plan.blocks[0].input
     blocks = [b.output for b in plan.blocks]

@@ -1,0 +1,29 @@
+"""Named sets of the options that decide how rec-LRA meets a CNN: fxlra's defaults, measured to
+train (benchmarks/learning.py), and the paper's own mechanisms, one switch away.
+
+    scope        "block": the sites inside a residual block join its output site (the paper's
+                 hybrid, Section 3); "layer": every activation is a site (the per-layer rule)
+    norm_error   "vjp": a normalisation layer carries the error by its input-VJP with the
+                 statistics the forward used; "pass": unchanged (the paper)
+    map_synapse  "spatial": the error synapse from a vector error to a feature map is dense to
+                 the map (coarsened past a budget); "broadcast": dense to channels, the same at
+                 every position (the paper)
+"""
+from .errors import OptionError
+
+PRESETS = {
+    "fxlra": {"scope": "block", "norm_error": "vjp", "map_synapse": "spatial"},
+    "paper": {"scope": "layer", "norm_error": "pass", "map_synapse": "broadcast"},
+}
+
+
+def resolve(preset, **given):
+    """The options of ``preset`` (None: "fxlra"), with every option given (not None) kept."""
+    name = "fxlra" if preset is None else preset
+    if name not in PRESETS:
+        raise OptionError(f"preset={preset!r} is not supported; choose one of {list(PRESETS)} "
+                          "or None (fxlra's defaults)")
+    unknown = sorted(set(given) - set(PRESETS[name]))
+    assert not unknown, unknown
+    return {k: (PRESETS[name][k] if v is None else v) for k, v in
+            {**dict.fromkeys(PRESETS[name]), **given}.items()}
