@@ -80,7 +80,7 @@ def experiment(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = training.parse(build_parser(), argv)
     return training.run(args, experiment(args))
 
 

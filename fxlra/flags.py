@@ -14,6 +14,11 @@ OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 
 # -- flags ----------------------------------------------------------------------------------------
 OPTIONS = (  # flags, keywords, help; "{paper}" is filled with the script's PAPER entry
+    (("--preset",), dict(choices=("fxlra", "paper"), default="fxlra"),
+     "fxlra: what trains (fxlra.compile's defaults: the local VJP inside residual blocks, norms "
+     "carried by their input-VJP, error synapses dense to feature maps) with the script's "
+     "hyperparameters below; paper: the paper's per-layer rule and every hyperparameter the "
+     "paper gives (each still overridable by its flag)"),
     (("--data-path",), dict(default=None), "folder of the data set"),
     (("--output-dir",), dict(default="runs"), "metrics, curves, checkpoints and diagnostics"),
     (("--algo",), dict(choices=("reclra", "bp", "both"), default="both"),
@@ -72,10 +77,20 @@ def parser(description, defaults, paper):
     return p
 
 
+def parse(p, argv=None, paper_values=None):
+    """Parse the flags; with ``--preset paper`` the script's ``paper_values`` replace its
+    defaults first (a flag given on the command line still wins)."""
+    first, _ = p.parse_known_args(argv)
+    if first.preset == "paper" and paper_values:
+        p.set_defaults(**paper_values)
+    return p.parse_args(argv)
+
+
 def compile_options(args):
     """``fxlra.compile`` keywords from the flags."""
     alpha = args.alpha[0] if len(args.alpha) == 1 else dict(enumerate(args.alpha, start=1))
-    return dict(wiring=WIRINGS[args.wiring], depth=args.recursion_depth, beta=args.beta,
+    return dict(preset=args.preset, wiring=WIRINGS[args.wiring], depth=args.recursion_depth,
+                beta=args.beta,
                 gamma=args.gamma, alpha=alpha, error_rule=args.error_rule,
                 local_rule=args.local_rule, clip=args.clip or None,
                 error_init_std=args.error_init_std)

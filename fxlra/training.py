@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from . import checkpoint, distributed as fdist, metrics
-from .flags import compile_options, parser  # noqa: F401 (the scripts' entry points)
+from .flags import compile_options, parse, parser  # noqa: F401 (the scripts' entry points)
 from .errors import NumericalError
 from .program import compile as compile_program
 from .rules import reproject_all
@@ -52,7 +52,7 @@ PLOT_EVERY_S = 600      # curves.png is drawn at the end of a run, and at most t
 class Experiment:
     """What a script hands to ``run``: data sets, a model factory (called after the seed is
     set, once per algorithm), the number of classes, and extra ``fxlra.compile`` keywords
-    (``example_inputs=True`` means: a few training images)."""
+    (the example inputs are always two training images)."""
     name: str
     train: object
     test: object
@@ -270,8 +270,8 @@ def setup(algo, exp, args, device):
     prog = None
     if algo == "reclra":
         extra = dict(exp.compile_kwargs)
-        if extra.get("example_inputs") is True:
-            extra["example_inputs"] = exp.train[0][0].unsqueeze(0).to(device)
+        # two training samples: the sites' shapes (and the error synapses' maps) are the data's
+        extra["example_inputs"] = torch.stack([exp.train[k][0] for k in range(2)]).to(device)
         prog = compile_program(model, **compile_options(args), **extra)
         if fdist.world_size() > 1:
             fdist.data_parallel(prog)            # rank 0's start; updates averaged
