@@ -190,11 +190,12 @@ def test_imagenet_script(tiny, tmp_path, model, algo):
 @pytest.mark.parametrize("name", ["train_cifar10", "train_imagenet"])
 def test_the_scripts_default_to_what_trains_and_keep_the_paper_one_flag_away(name):
     module = script(name)
-    ours = training.parse(module.build_parser(), [], module.PAPER_VALUES)
+    ours = training.parse(module.build_parser(), ["--wiring", "residual"], module.PAPER_VALUES)
     assert (ours.preset, ours.optimizer, ours.lr, ours.batch_size, ours.error_rule) == \
         ("fxlra", "adam", 1e-3, 32, "hebbian-z")
     assert training.compile_options(ours)["preset"] == "fxlra"
-    paper = training.parse(module.build_parser(), ["--preset", "paper"], module.PAPER_VALUES)
+    paper = training.parse(module.build_parser(), ["--preset", "paper", "--wiring", "residual"],
+                           module.PAPER_VALUES)
     assert (paper.optimizer, paper.lr, paper.batch_size, paper.error_rule, paper.beta,
             paper.gamma, paper.alpha, paper.error_init_std) == \
         ("adamw", 1e-4, 10, "hebbian-d", 0.1205, 0.1524, [0.19, 0.24], 1.0)
