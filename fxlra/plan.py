@@ -94,10 +94,25 @@ class Plan:
     wiring: str                      # how the error graph was made ("residual", "custom", ...)
     blocks: tuple = ()               # Block, one per residual merge, in forward order
     _index: object = field(default=None, repr=False, compare=False)
+    _lookup: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        """Index the sites, their positions and the edges once: every query is a dict lookup
+        (a scan per query made compiling DenseNet-121 quadratic in its 120 sites)."""
         index = {s.name: s for s in self.sites}
         object.__setattr__(self, "_index", index)
+        parents, children = {}, {}
+        for e in self.edges:
+            parents.setdefault(e.child, []).append(e.parent)
+            children.setdefault(e.parent, []).append(e.child)
+        object.__setattr__(self, "_lookup", {
+            "parents": {k: tuple(v) for k, v in parents.items()},
+            "children": {k: tuple(v) for k, v in children.items()},
+            "edge": {(e.parent, e.child): e for e in self.edges},
+            "position": {s.name: k for k, s in enumerate(self.sites)},
+            "rules": {}})
+        for r in self.params:
+            self._lookup["rules"].setdefault(r.site, []).append(r)
 
     # -- queries ----------------------------------------------------------------------------
     def site(self, name):
@@ -108,20 +123,25 @@ class Plan:
         return tuple(s.name for s in self.sites)
 
     def parents(self, name):
-        return tuple(e.parent for e in self.edges if e.child == name)
+        return self._lookup["parents"].get(name, ())
 
     def children(self, name):
-        return tuple(e.child for e in self.edges if e.parent == name)
+        return self._lookup["children"].get(name, ())
 
     def edge(self, parent, child):
-        for e in self.edges:
-            if (e.parent, e.child) == (parent, child):
-                return e
-        raise KeyError(f"no error synapse {parent} -> {child}")
+        found = self._lookup["edge"].get((parent, child))
+        if found is None:
+            raise KeyError(f"no error synapse {parent} -> {child}")
+        return found
 
     @property
     def depth(self):
         """Shortest number of error synapses from an output site, for every site."""
+        if "depth" not in self._lookup:
+            self._lookup["depth"] = self._depth()
+        return self._lookup["depth"]
+
+    def _depth(self):
         depth = {name: 0 for name in self.outputs}
         frontier = list(self.outputs)
         while frontier:
@@ -136,6 +156,11 @@ class Plan:
 
     def error_order(self):
         """Sites in an order where every parent comes before its children (outputs first)."""
+        if "order" not in self._lookup:
+            self._lookup["order"] = self._error_order()
+        return self._lookup["order"]
+
+    def _error_order(self):
         done, order = set(), []
         pending = [s.name for s in self.sites]
         while pending:
@@ -149,10 +174,10 @@ class Plan:
         return tuple(order)
 
     def _position(self, name):
-        return self.site_names.index(name)
+        return self._lookup["position"][name]
 
     def rules_of(self, site):
-        return tuple(r for r in self.params if r.site == site)
+        return tuple(self._lookup["rules"].get(site, ()))
 
     # -- checks -------------------------------------------------------------------------------
     def verify(self):
