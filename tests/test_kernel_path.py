@@ -28,10 +28,18 @@ SCRIPT = textwrap.dedent('''
     from conftest import make_cnn, make_mlp
     torch.set_num_threads(1)
     torch.manual_seed(0)
+
+    def close(value, expected, msg):
+        # float32 sums in another order: within 0.1% of the tensor's largest value (inside a
+        # block, scope="block", the error cancels in BatchNorm's VJP and small entries remain)
+        scale = 1e-3 * float(expected.abs().max())
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=max(1e-6, scale), msg=msg)
     cases = {
         "mlp": (make_mlp(act=nn.Tanh), "pairwise", torch.randn(6, 5), torch.arange(6) % 4, {}),
         "cnn": (make_cnn(), "residual", torch.randn(4, 3, 8, 8), torch.arange(4) % 5,
                 dict(alpha={1: 0.19, 2: 0.24})),
+        "cnn-paper": (make_cnn(), "residual", torch.randn(4, 3, 8, 8), torch.arange(4) % 5,
+                      dict(alpha={1: 0.19, 2: 0.24}, preset="paper")),
         "presnet": (presnet18(classes=3, width=4, level=0.1), "residual",
                     torch.randn(2, 3, 8, 8), torch.arange(2) % 3,
                     dict(leaf_modules=LEAF_MODULES)),
@@ -49,7 +57,7 @@ SCRIPT = textwrap.dedent('''
         a, b = plain.updates(x, y), fused.updates(x, y)
         assert a.keys() == b.keys(), name
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
+            close(b[k], a[k], f"{name} {k}")
         # the fused sites' error norms come from the kernel's sum(e^2): the same discrepancies
         ra, rb = plain.step(x, y), fused.step(x, y)
         assert ra.discrepancies.keys() == rb.discrepancies.keys(), name
@@ -57,7 +65,7 @@ SCRIPT = textwrap.dedent('''
             torch.testing.assert_close(rb.discrepancies[site], value, rtol=1e-4, atol=1e-7,
                                        msg=f"{name} {site}")
         for (k, p), q in zip(plain.named_parameters(), fused.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
+            close(q.grad, p.grad, f"{name} {k}")
         # a NaN that only the inner sites' errors carry is caught through those sums
         with torch.no_grad():
             for p in fused.synapses.parameters():
@@ -83,7 +91,7 @@ def test_the_triton_path_equals_the_torch_path_under_the_interpreter(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [ln.split()[:2] for ln in done.stdout.splitlines()] == [
-        ["mlp", "ok"], ["cnn", "ok"], ["presnet", "ok"]]
+        ["mlp", "ok"], ["cnn", "ok"], ["cnn-paper", "ok"], ["presnet", "ok"]]
 
 
 def test_auto_keeps_torch_ops_on_the_cpu_and_triton_there_is_a_clear_error(monkeypatch):

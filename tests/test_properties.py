@@ -361,6 +361,9 @@ options = st.fixed_dictionaries({
     "kappa": st.sampled_from([1.0, 0.5]),
     "error_rule": st.sampled_from(["hebbian-z", "hebbian-d", "derived"]),
     "local_rule": st.sampled_from(["hebbian", "dx"]),
+    "scope": st.sampled_from(["layer", "block", "stage"]),
+    "norm_error": st.sampled_from(["vjp", "pass"]),
+    "map_synapse": st.sampled_from(["spatial", "broadcast"]),
 })
 
 
@@ -380,7 +383,9 @@ RICH_SPECS = [
         ("head", "flatten"), ("linear", 4, ("sign", "function")))},
 ]
 DEFAULT_OPTIONS = dict(beta=0.1, alpha=1.0, kappa=1.0, error_rule="hebbian-z",
-                       local_rule="hebbian")
+                       local_rule="hebbian", scope="block", norm_error="vjp",
+                       map_synapse="spatial")
+PAPER_OPTIONS = dict(DEFAULT_OPTIONS, scope="layer", norm_error="pass", map_synapse="broadcast")
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -390,6 +395,8 @@ DEFAULT_OPTIONS = dict(beta=0.1, alpha=1.0, kappa=1.0, error_rule="hebbian-z",
 @example(spec=RICH_SPECS[1], wiring="residual", opts=dict(DEFAULT_OPTIONS, alpha=0.5))
 @example(spec=RICH_SPECS[1], wiring="pairwise", opts=dict(DEFAULT_OPTIONS, error_rule="hebbian-d"))
 @example(spec=RICH_SPECS[2], wiring=("skip", 2), opts=DEFAULT_OPTIONS)
+@example(spec=RICH_SPECS[0], wiring="residual", opts=PAPER_OPTIONS)
+@example(spec=RICH_SPECS[0], wiring="residual", opts=dict(DEFAULT_OPTIONS, scope="stage"))
 def test_presets_compile_verify_and_update(spec, wiring, opts):
     model, x, y = build(spec)
     reference = copy.deepcopy(model)            # before any forward through fxlra
