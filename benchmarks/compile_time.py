@@ -45,7 +45,7 @@ def main(argv=None):
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "compile_time.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"\n| model | wiring | compile (s) | sites | error synapses |\n|---|---|---|---|---|")
+    print("\n| model | wiring | compile (s) | sites | error synapses |\n|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: -r["seconds"])[:args.slowest]:
         print(f"| {r['model']} | {r['wiring']} | {r['seconds']:.2f} | {r['sites']} | {r['edges']} |")
 

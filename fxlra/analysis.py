@@ -13,7 +13,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from . import ops, passes, shapes
+from . import ops, passes, scope as scopes, shapes
 from .errors import PlanError
 from .plan import Block, Layout, ParamRule, Site, stages_of
 
@@ -363,70 +363,6 @@ def find_blocks(nodes, g, site_names, order, owner, op_params, from_input):
     return tuple(blocks)
 
 
-# -- scope="block": the paper's hybrid ---------------------------------------------------------------
-SCOPES = ("layer", "block", "stage")
-
-
-def _block_members(g, sites, blocks, outputs):
-    """Inner site -> the block output it joins: every non-output site strictly between a
-    block's input site (or the model input) and its output site, the earliest block first;
-    a block output that lies inside a larger block joins that block's output in turn."""
-    order = {s.name: k for k, s in enumerate(sites)}
-    joined = {}
-    for b in sorted(blocks, key=lambda b: order[b.output]):
-        for name in _interior(g, b):
-            if name in order and name not in outputs and name not in joined:
-                joined[name] = b.output
-    for name in joined:                       # nested blocks: follow to the outermost output
-        while joined[name] in joined:
-            joined[name] = joined[joined[name]]
-    return joined
-
-
-def _interior(g, block):
-    """The nodes strictly between a block's input and its output (by name)."""
-    above = nx.ancestors(g, block.output)
-    if block.input is None:
-        return above
-    return (above & nx.descendants(g, block.input)) - {block.input}
-
-
-def join_blocks(g, sites, rules, blocks, outputs, node_order, derived):
-    """The paper's hybrid (Section 3): only block outputs (and the sites outside blocks) keep
-    their error neurons; the sites inside a block join its output site's region, and so do the
-    block's other inner nodes (pooling, shortcuts), so that the block's parameters are updated
-    by the local VJP of the whole block, its activations crossed by their derivative.
-    Returns (sites, rules, blocks)."""
-    joined = _block_members(g, sites, blocks, set(outputs))
-    if not joined:
-        return sites, rules, blocks
-    by_name = {s.name: s for s in sites}
-    taken = {n for s in sites if s.name not in joined for n in s.region}
-    interior = {}                             # block output -> its unowned inner nodes
-    for b in blocks:
-        owner = joined.get(b.output, b.output)
-        if owner in by_name and owner not in joined:
-            interior.setdefault(owner, set()).update(
-                n for n in _interior(g, b) if n in derived and n not in taken)
-    kept = []
-    for s in sites:
-        if s.name in joined:
-            continue
-        members = [by_name[n] for n, owner in joined.items() if owner == s.name]
-        if members:
-            inside = interior.get(s.name, set()).union(*(m.region for m in members))
-            region = sorted(set(s.region) | inside, key=node_order.get)
-            ops_ = sorted(set(s.ops).union(*(m.ops for m in members)), key=node_order.get)
-            crosses = tuple(sorted((m.name for m in members if m.kind == "activation"),
-                                   key=node_order.get))
-            s = Site(s.name, s.kind, s.h, s.activation, s.layout, tuple(region), tuple(ops_),
-                     crosses)
-        kept.append(s)
-    rules = tuple(ParamRule(r.param, r.op, r.rule, joined.get(r.site, r.site)) for r in rules)
-    blocks = tuple(b for b in blocks if b.output not in joined and b.input not in joined)
-    return tuple(kept), rules, blocks
-
-
 # -- entry point ----------------------------------------------------------------------------------
 def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer"):
     """Sites (forward order, primary output last), parameter rules, and the site graph."""
@@ -466,13 +402,13 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer"):
         units = blocks if scope == "block" else stages_of(blocks)
         derived = {n.name for n, yes in from_input.items()
                    if yes and n.op != "placeholder" and shapes.tensor_valued(n)}
-        sites, rules, blocks = join_blocks(g, tuple(sites), tuple(rules), units,
-                                           [o.name for o in outputs], node_order, derived)
+        sites, rules, blocks = scopes.join_blocks(g, tuple(sites), tuple(rules), units,
+                                                  [o.name for o in outputs], node_order, derived)
         site_names = {s.name for s in sites}
         order = {s.name: i for i, s in enumerate(sites)}
     downstream = {s: tuple(sorted(_nearest(g, s, site_names, "down"), key=order.get))
                   for s in site_names}
-    members = _block_members(g, sites, blocks, {o.name for o in outputs})
+    members = scopes.block_members(g, sites, blocks, {o.name for o in outputs})
     graph = SiteGraph(tuple(s.name for s in sites), tuple(o.name for o in outputs),
                       downstream, blocks, members)
     return tuple(sites), tuple(rules), graph

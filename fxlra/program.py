@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from . import (analysis, codegen, graphs, health, ops, passes, paths, placement, presets,
-               reference, rules, shapes, streams, synapses as syn, trace, wiring as wiring_mod)
+               reference, rules, scope as scope_mod, shapes, streams, synapses as syn, trace,
+               wiring as wiring_mod)
 from .errors import InputError, OptionError, WiringError
 from .plan import Edge, Plan
 
@@ -408,7 +409,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     scope, norm_error, map_synapse = chosen["scope"], chosen["norm_error"], chosen["map_synapse"]
     rules.check_choice("norm_error", norm_error, ops.NORM_ERRORS)
     rules.check_choice("map_synapse", map_synapse, syn.MAP_SYNAPSES)
-    rules.check_choice("scope", scope, analysis.SCOPES)
+    rules.check_choice("scope", scope, scope_mod.SCOPES)
     health.check_options(nonfinite, max_skips)
     devices = placement.check_devices(devices)
     _check_streams(streams, devices, cuda_graph)

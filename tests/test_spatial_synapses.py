@@ -10,7 +10,6 @@ from torch import nn
 
 import fxlra
 from fxlra import synapses as syn
-from fxlra.plan import Layout
 
 
 @pytest.mark.parametrize("grid, shape", [((6, 6), (3, 4, 6, 6)), ((8, 8), (3, 4, 5, 5)),
