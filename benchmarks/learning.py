@@ -77,6 +77,14 @@ VARIANTS = {
     "dx": {"local_rule": "dx"},
     # Kolen-Pollack's decay: the error synapses forget their random start (AdamW on them only)
     "synapse-decay": {"synapse_weight_decay": 1.0},
+    # the sweep of this other knobs (README: they did not help)
+    "beta1": {"beta": 1.0},
+    "beta0.01": {"beta": 0.01},
+    "no-clip": {"clip": None},
+    "hebbian-d": {"error_rule": "hebbian-d"},
+    "derived": {"error_rule": "derived"},
+    "fixed-synapses": {"gamma": 0.0},
+    "gamma0.1": {"gamma": 0.1},
 }
 
 
