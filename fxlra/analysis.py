@@ -52,16 +52,8 @@ def _check_untied(model):
                         "with requires_grad_(False)")
 
 
-def find_param_ops(gm, modules, model):
-    """Map each node that uses trainable parameters to their qualified names."""
-    _check_untied(model)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        frozen = sum(1 for _ in model.parameters())
-        raise PlanError(f"{type(model).__name__} has no trainable parameter "
-                        f"({f'all {frozen} are frozen' if frozen else 'it has none'}); rec-LRA "
-                        "has nothing to update. Unfreeze the parameters to train "
-                        "(requires_grad_(True))")
+def _param_uses(gm, modules, trainable):
+    """Each trainable parameter's using nodes, and each node's parameters (forward order)."""
     op_params, used_by = {}, {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -73,9 +65,36 @@ def find_param_ops(gm, modules, model):
         else:
             continue
         for name in names:
-            used_by.setdefault(name, []).append(node.name)
+            used_by.setdefault(name, []).append(node)
         if names:
             op_params[node] = names
+    return op_params, used_by
+
+
+def multi_op_modules(gm, model):
+    """Modules whose own forward uses one of their parameters in several traced ops (a
+    weight-standardised convolution: reshape, mean, var, conv): fxlra traces them again as one
+    leaf op, whose update is its weight-gradient at its recorded input."""
+    modules = dict(gm.named_modules())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    _, used_by = _param_uses(gm, modules, trainable)
+    return sorted({name.rsplit(".", 1)[0] for name, users in used_by.items()
+                   if len(users) > 1 and "." in name and
+                   all(u.op != "call_module" for u in users)})
+
+
+def find_param_ops(gm, modules, model):
+    """Map each node that uses trainable parameters to their qualified names."""
+    _check_untied(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        frozen = sum(1 for _ in model.parameters())
+        raise PlanError(f"{type(model).__name__} has no trainable parameter "
+                        f"({f'all {frozen} are frozen' if frozen else 'it has none'}); rec-LRA "
+                        "has nothing to update. Unfreeze the parameters to train "
+                        "(requires_grad_(True))")
+    op_params, nodes_of = _param_uses(gm, modules, trainable)
+    used_by = {p: [n.name for n in users] for p, users in nodes_of.items()}
     shared = {p: users for p, users in used_by.items() if len(users) > 1}
     if shared:
         p, users = next(iter(shared.items()))

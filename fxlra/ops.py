@@ -153,11 +153,29 @@ _CHANNEL_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding,
 _CHANNEL_LAST_FUNCTIONS = (F.linear, F.layer_norm)
 
 
+# rules whose module a subclass may not reuse when it overrides forward (its weight may enter the
+# op transformed, as in a weight-standardised convolution); a norm subclass keeps its rule
+_FORWARD_BOUND_RULES = ("linear", "conv")
+
+
+def _overrides_forward(module):
+    """Whether a subclass of a Linear or Conv computes something else (its own forward: a
+    weight-standardised Conv2d): the parent's rule would not be its gradient."""
+    for cls in type(module).__mro__:
+        if cls in _RULE_MODULES:
+            return _RULE_MODULES[cls] in _FORWARD_BOUND_RULES and \
+                type(module).forward is not cls.forward
+    return False
+
+
 def rule_name(node, modules):
-    """The update rule of a parametrised op; "local-vjp" when fxlra has no rule of its own."""
+    """The update rule of a parametrised op; "local-vjp" when fxlra has no rule of its own
+    (also for a subclass of a rule's module that overrides its forward)."""
     found, name = _lookup(node, modules, _RULE_MODULES, _RULE_FUNCTIONS, {})
-    if found:
+    if found and not (node.op == "call_module" and _overrides_forward(modules[node.target])):
         return name
+    if found:
+        return "local-vjp"
     if pass_through_signs(node, modules) is not None:
         return "elementwise"
     return "local-vjp"

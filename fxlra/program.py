@@ -416,7 +416,11 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     if kernels not in KERNEL_CHOICES:
         raise OptionError(f"kernels={kernels!r} is not supported; choose one of "
                           f"{list(KERNEL_CHOICES)}")
-    gm = passes.make_out_of_place(trace.trace(model, leaf_modules, concrete_args))
+    gm = trace.trace(model, leaf_modules, concrete_args)
+    multi = analysis.multi_op_modules(gm, model)
+    if multi:                      # modules using a parameter in several ops: one op each
+        gm = trace.trace(model, tuple(leaf_modules) + tuple(multi), concrete_args)
+    gm = passes.make_out_of_place(gm)
     sites, params, site_graph = analysis.analyse(gm, model, rules.OUTPUT_PHI[loss],
                                                  example_inputs, scope)
     graph, name = wiring_mod.build(wiring, site_graph, depth)

@@ -508,3 +508,57 @@ def test_shapes_that_cannot_be_inferred_ask_for_example_inputs(model, kw, exampl
     prog = fxlra.compile(m, example_inputs=example if len(example) > 1 else example[0], **kw)
     assert [str(site(prog, s).layout) for s in prog.sites][-1] == "vector[3]"
     assert {r.param for r in prog.plan.params} == {n for n, _ in m.named_parameters()}
+
+
+# -- a module that uses its own parameter in several ops ---------------------------------------------
+class WSConv(nn.Conv2d):
+    """A weight-standardised convolution (NF-ResNets): its forward reads its weight in 4 ops."""
+
+    def forward(self, x):
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return F.conv2d(x, (w - mean) / torch.sqrt(var + 1e-5), self.bias, self.stride,
+                        self.padding)
+
+
+class WSNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = WSConv(1, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(x)).flatten(1))
+
+
+def test_a_module_using_its_parameter_in_several_ops_is_one_op_with_its_local_vjp():
+    torch.manual_seed(0)
+    model = WSNet().double()
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    prog = fxlra.compile(model, example_inputs=(x,))
+    ops_ = [n for n in prog.graph_module.graph.nodes if n.op == "call_module"]
+    assert [n.target for n in ops_][:1] == ["c"]                     # traced as one op
+    rules = {r.param: r.rule for r in prog.plan.params}
+    assert rules["c.weight"] == rules["c.bias"] == "local-vjp"      # not Conv2d's own rule
+    assert "model.c.weight" in prog.explain() and "local VJP of the op" in prog.explain()
+    updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
+    for n in ref:
+        torch.testing.assert_close(updates[n], ref[n], rtol=1e-9, atol=1e-12, msg=n)
+    # the update is the module's weight-gradient at its recorded input for the site's error
+    sig = prog.reference_signals(x, y)
+    w = model.c.weight.detach().requires_grad_()
+    out = torch.func.functional_call(model.c, {"weight": w, "bias": model.c.bias}, (x,))
+    (g,) = torch.autograd.grad(out, [w], sig.errors["relu"])
+    torch.testing.assert_close(updates["model.c.weight"], g / x.shape[0])
+
+
+def test_a_root_parameter_used_by_two_ops_is_still_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return x @ self.w.t() + (x @ self.w.t()).tanh()
+    with pytest.raises(fxlra.PlanError, match=r"parameter w is used by 2 ops"):
+        fxlra.compile(Twice(), example_inputs=(torch.randn(2, 4),))
