@@ -4,7 +4,7 @@ epochs, mean and spread over seeds, and each inner site's update angle to backpr
 after epoch 1. A benchmark, not a test: it prints a table and writes JSON.
 
     python3 benchmarks/learning.py                    # every model and variant, 3 seeds
-    python3 benchmarks/learning.py --quick            # fewer cells (1 seed, 3 epochs)
+    python3 benchmarks/learning.py --quick            # 1 seed, 3 epochs (learning_quick.json)
     python3 benchmarks/learning.py --models cnn_bn --variants default paper --seeds 0
 
 Variants are option sets of ``fxlra.compile`` (``VARIANTS``); "bp" is backprop on the same model,
@@ -29,6 +29,7 @@ from fxlra.data import load_digits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "learning.json")
+QUICK_RESULTS = os.path.join(HERE, "results", "learning_quick.json")   # --quick: apart
 EPOCHS_SHOWN = (1, 3, 5)
 
 
@@ -179,16 +180,16 @@ def fit_batch(options, steps=100, batch=16, lr=1e-3, seed=0):
     return losses
 
 
-def _load():
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
+def _load(path=RESULTS):
+    if os.path.exists(path):
+        with open(path) as f:
             return json.load(f)
     return {"cells": []}
 
 
-def _save(results):
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+def _save(results, path=RESULTS):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
 
 
@@ -246,7 +247,8 @@ def main(argv=None):
     parser.add_argument("--fit", action="store_true",
                         help="only the fixed-batch fit of pResNet-18 (default and paper options)")
     args = parser.parse_args(argv)
-    results = _load()
+    path = QUICK_RESULTS if args.quick else RESULTS   # a quick run never overwrites the table
+    results = _load(path)
     if args.table:
         print(table(results))
         print(fit_table(results))
@@ -254,7 +256,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.fit:
         results["fit"] = {v: fit_batch(VARIANTS[v]) for v in ("default", "paper", "stage")}
-        _save(results)
+        _save(results, path)
         print(fit_table(results))
         return
     if args.quick:
@@ -268,7 +270,7 @@ def main(argv=None):
                       " ".join(f"{a:.1f}" for a in cell["accuracy"]) +
                       f"  ({cell['seconds']:.0f} s)", flush=True)
                 _merge(results, cell)
-                _save(results)
+                _save(results, path)
     print(table(results, args.models, args.variants))
 
 

@@ -8,7 +8,7 @@ import operator
 import torch
 from torch import fx
 
-from . import local, ops, rules, shapes
+from . import carry, local, ops, rules, shapes
 
 # rules whose weight-gradient fxlra.kernels computes in one fused Triton kernel (same signature)
 KERNEL_GRADS = ("perturbative",)
@@ -118,7 +118,7 @@ class UpdateStage:
                               [c] + [u.name for u in tensors])
             return
         self.opcall(node)
-        rule = local.lookup(local.CARRY_MODULES, local.CARRY_FUNCTIONS, local.CARRY_METHODS,
+        rule = local.lookup(carry.CARRY_MODULES, carry.CARRY_FUNCTIONS, carry.CARRY_METHODS,
                             self._opcalls[node.name])
         x = node.args[0]
         if node.name in self._input_vjp and len(inputs) == 1 and inputs[0] is x:

@@ -1,6 +1,7 @@
 """Explicit local rules for the generated program, without autograd: the weight-gradient of
-every parametrised op kind (at its recorded input, for the cotangent at its output), the VJP of
-the shape-changing ops an error is carried through, and the derivatives of activations.
+every parametrised op kind (at its recorded input, for the cotangent at its output), the helpers
+the generated code calls to carry an error (broadcast sums, concatenation, functional norms;
+the per-op carry rules are ``fxlra.carry``'s tables), and the derivatives of activations.
 
 Each table maps an op kind to a plain function. An op kind missing from a table falls back to
 ``torch.func`` on that single op (``local_vjp``); ``prog.explain()`` and ``prog.code`` name it.
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops
-from .nn import PerturbativeConv2d
 from .errors import UnsupportedError
 
 aten = torch.ops.aten
@@ -155,22 +155,6 @@ def perturbative_grads(m, x, c):
     return grads
 
 
-def _perturbative_input(call, x, c):
-    """fxlra.nn.PerturbativeConv2d's input-VJP: the 1x1 combination transposed, ReLU's mask
-    at x + n, summed over the masks of each input channel, then the stride's average pool
-    transposed."""
-    m = call.module
-    pooled = x if m.stride == (1, 1) else F.avg_pool2d(x, m.stride, m.stride, ceil_mode=True)
-    noise = m.masks(pooled.shape[-2], pooled.shape[-1], pooled).to(pooled.dtype)
-    g = torch.einsum("bohw,ok->bkhw", c.to(m.weight.dtype), m.weight[:, :, 0, 0]).to(x.dtype)
-    g = g * (pooled.repeat_interleave(m.nmasks, dim=1) + noise > 0)
-    g = g.reshape(g.shape[0], m.in_channels, m.nmasks, *g.shape[2:]).sum(2)
-    if m.stride == (1, 1):
-        return g
-    return aten.avg_pool2d_backward(g, x, list(m.stride), list(m.stride), [0, 0], True, True,
-                                    None)
-
-
 def locally_connected_grads(m, x, c):
     """fxlra.nn.LocallyConnected2d: dW[l] = sum over the batch of e[:, :, l]^T cols[:, :, l]
     at every output position l, db = sum(e) over the batch."""
@@ -188,7 +172,7 @@ MODULE_GRADS = {"linear": linear_grads, "conv": conv_grads, "batchnorm": batchno
                 "locally-connected": locally_connected_grads}
 
 
-# -- carrying an error back through a shape-changing op: carry(node_call, x, c) -> c_x ----------
+# -- helpers of the generated code for carrying an error (the carry rules: fxlra.carry) ----------
 def reduce_to(c, shape):
     """Sum a cotangent over the axes that were broadcast to reach it."""
     if tuple(c.shape) == tuple(shape):
@@ -197,58 +181,6 @@ def reduce_to(c, shape):
         c = c.sum(0)
     dims = [k for k, n in enumerate(shape) if n == 1 and c.shape[k] != 1]
     return c.sum(dims, keepdim=True) if dims else c
-
-
-def _reshape_back(call, x, c):
-    return c.reshape(x.shape)
-
-
-def _max_pool2d(call, x, c):
-    m = call.module
-    _, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
-    pair = nn.modules.utils._pair
-    return aten.max_pool2d_with_indices_backward(c, x, pair(m.kernel_size), pair(m.stride),
-                                                 pair(m.padding), pair(m.dilation), m.ceil_mode,
-                                                 idx)
-
-
-def _avg_pool2d(call, x, c):
-    m, pair = call.module, nn.modules.utils._pair
-    return aten.avg_pool2d_backward(c, x, pair(m.kernel_size), pair(m.stride or m.kernel_size),
-                                    pair(m.padding), m.ceil_mode, m.count_include_pad,
-                                    m.divisor_override)
-
-
-def _adaptive_avg_pool2d(call, x, c):
-    return aten._adaptive_avg_pool2d_backward(c, x)
-
-
-def _mean(call, x, c):
-    dims = call.arg("dim", 1, None)
-    keep = call.arg("keepdim", 2, False)
-    if dims is None:
-        return c.expand(x.shape) / x.numel()
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    dims = sorted(d % x.dim() for d in dims)
-    if not keep:
-        for d in dims:
-            c = c.unsqueeze(d)
-    count = 1
-    for d in dims:
-        count *= x.shape[d]
-    return c.expand(x.shape) / count
-
-
-def _permute(call, x, c):
-    dims = call.args[1:] if len(call.args) > 2 or isinstance(call.args[1], int) else call.args[1]
-    inverse = [0] * len(dims)
-    for k, d in enumerate(dims):
-        inverse[d % len(dims)] = k
-    return c.permute(inverse)
-
-
-def _transpose(call, x, c):
-    return c.transpose(call.args[1], call.args[2])
 
 
 def cat_part(c, dim, inputs, k):
@@ -260,39 +192,6 @@ def cat_part(c, dim, inputs, k):
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 
 
-# -- normalisation layers' input-VJPs (norm_error="vjp"), with the statistics the forward used -----
-def _batchnorm_input(call, x, c):
-    return batchnorm_grads(call.module, x, c, with_input=True)["input"]
-
-
-def _layernorm_input(call, x, c):
-    m = call.module
-    shape = list(m.normalized_shape)
-    _, mean, rstd = aten.native_layer_norm(x, shape, m.weight, m.bias, m.eps)
-    return aten.native_layer_norm_backward(c.to(x.dtype), x, shape, mean, rstd, m.weight,
-                                           m.bias, [True, False, False])[0]
-
-
-def _groupnorm_input(call, x, c):
-    m = call.module
-    n, channels = x.shape[0], x.shape[1]
-    spatial = x[0, 0].numel()
-    _, mean, rstd = aten.native_group_norm(x, m.weight, m.bias, n, channels, spatial,
-                                           m.num_groups, m.eps)
-    return aten.native_group_norm_backward(c.to(x.dtype), x, mean, rstd, m.weight, n, channels,
-                                           spatial, m.num_groups, [True, False, False])[0]
-
-
-def _module_input_vjp(call, x, c):
-    """The input-VJP of a norm module without an ATen rule here (InstanceNorm, RMSNorm, LRN):
-    torch.func on the module alone, its buffers copied so running statistics do not move."""
-    m = call.module
-    state = {**{n: p.detach() for n, p in m.named_parameters()},
-             **{n: b.clone() for n, b in m.named_buffers()}}
-    _, pullback = torch.func.vjp(lambda v: torch.func.functional_call(m, state, (v,)), x)
-    return pullback(c.to(x.dtype))[0]
-
-
 def functional_norm_vjp(call, args, kwargs, c):
     """The input-VJP of F.batch_norm / F.layer_norm / F.group_norm at its recorded arguments;
     the other tensors (running statistics, affine parameters) are copies, so nothing moves."""
@@ -300,19 +199,6 @@ def functional_norm_vjp(call, args, kwargs, c):
     kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     _, pullback = torch.func.vjp(lambda v: call.target(v, *rest, **kw), x)
     return pullback(c.to(x.dtype))[0]
-
-
-CARRY_MODULES = {nn.Flatten: _reshape_back, nn.MaxPool2d: _max_pool2d,
-                 nn.AvgPool2d: _avg_pool2d, nn.AdaptiveAvgPool2d: _adaptive_avg_pool2d,
-                 nn.modules.batchnorm._BatchNorm: _batchnorm_input, nn.LayerNorm: _layernorm_input,
-                 nn.GroupNorm: _groupnorm_input,
-                 nn.modules.instancenorm._InstanceNorm: _module_input_vjp,
-                 nn.RMSNorm: _module_input_vjp, nn.LocalResponseNorm: _module_input_vjp,
-                 PerturbativeConv2d: _perturbative_input}
-CARRY_FUNCTIONS = {torch.flatten: _reshape_back, torch.reshape: _reshape_back,
-                   torch.mean: _mean, torch.permute: _permute, torch.transpose: _transpose}
-CARRY_METHODS = {"flatten": _reshape_back, "view": _reshape_back, "reshape": _reshape_back,
-                 "mean": _mean, "permute": _permute, "transpose": _transpose}
 
 
 # -- derivatives of activations (phi'), used by local_rule="dx" and error_rule="derived" ---------
