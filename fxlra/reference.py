@@ -79,6 +79,12 @@ def _local_grad(fn, leaves, cot):
     return [torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)]
 
 
+def _stateless(module, params):
+    """The state for ``functional_call`` of ``module`` with ``params``: its buffers copied, so
+    that re-running it (a BatchNorm in training) changes none of them."""
+    return {**params, **{n: b.clone() for n, b in module.named_buffers()}}
+
+
 # -- phi and its derivative -------------------------------------------------------------------------
 def phi(site, env, modules, nodes, x):
     """The site's activation applied to ``x`` in place of its pre-activation."""
@@ -198,8 +204,7 @@ class _Run:
         if node.op != "call_module":
             return rerun(node, self.env, self.modules, replace)
         module = self.modules[node.target]
-        state = {**{n: p.detach() for n, p in module.named_parameters()},
-                 **{n: b.clone() for n, b in module.named_buffers()}}
+        state = _stateless(module, {n: p.detach() for n, p in module.named_parameters()})
         args = fx.node.map_arg(node.args, lambda a: replace.get(a.name, self.env[a.name]))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: replace.get(a.name, self.env[a.name]))
         return functional_call(module, state, args, kwargs)
@@ -218,7 +223,7 @@ class _Run:
             module = self.modules[node.target]
             prefix = len(node.target) + 1
             local = {n: p.detach().requires_grad_() for n, p in module.named_parameters()}
-            state = {**local, **{n: b.clone() for n, b in module.named_buffers()}}
+            state = _stateless(module, local)
             args = fx.node.map_arg(node.args, lambda a: self.env[a.name])
             kwargs = fx.node.map_arg(node.kwargs, lambda a: self.env[a.name])
             return _local_grad(lambda: functional_call(module, state, args, kwargs),
