@@ -31,43 +31,65 @@ class SiteGraph:
 
 
 def _from_input(nodes):
-    """Nodes whose value depends on the model's input (only those can hold error neurons)."""
+    """Nodes whose value depends on the model's input (only those can hold error neurons); a
+    tensor made by an op that ignores its input's values (a random mask) does not."""
     found = {}
     for n in nodes:
-        found[n] = n.op == "placeholder" or any(found[a] for a in n.all_input_nodes)
+        found[n] = n.op == "placeholder" or (not ops.ignores_input_values(n) and
+                                             any(found[a] for a in n.all_input_nodes))
     return found
 
 
+def _carries_no_error(node):
+    """An integer or boolean tensor, or an op whose value ignores its input's values: no error
+    is carried into it."""
+    meta = shapes.tensor_meta(node)
+    return ops.ignores_input_values(node) or \
+        (meta is not None and not (meta.dtype.is_floating_point or meta.dtype.is_complex))
+
+
 # -- parametrised ops -----------------------------------------------------------------------------
-def _check_untied(model):
-    """Reject a trainable tensor registered under two names (tied weights)."""
-    names = {}
+SHARED_PARAMS = ("sum", "refuse")
+
+# attributes and methods that read a tensor's metadata, not its values: no use of a parameter
+_METADATA = frozenset(("dtype", "device", "shape", "ndim", "is_cuda", "requires_grad", "layout",
+                       "size", "dim", "numel", "is_floating_point", "is_contiguous", "get_device",
+                       "element_size"))
+
+
+def _reads_metadata(node):
+    if node.op == "call_method":
+        return node.target in _METADATA
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA
+
+
+def canonical_names(model):
+    """Every name of each trainable tensor -> the name ``named_parameters()`` gives it (the first
+    one): tied weights (an embedding and an output layer) are one parameter."""
+    first, names = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.requires_grad:
-            names.setdefault(id(p), []).append(name)
-    tied = [n for n in names.values() if len(n) > 1]
-    if tied:
-        raise PlanError(f"parameters {' and '.join(tied[0])} are one tied tensor; rec-LRA updates "
-                        "each parameter with one site's error. Untie them, or freeze the tensor "
-                        "with requires_grad_(False)")
+            names[name] = first.setdefault(id(p), name)
+    return names
 
 
-def _param_uses(gm, modules, trainable):
-    """Each trainable parameter's using nodes, and each node's parameters (forward order)."""
+def _param_uses(gm, modules, names):
+    """Each trainable parameter's using nodes, and each node's parameters (forward order), by
+    canonical name; reading a parameter's dtype or shape is no use."""
     op_params, used_by = {}, {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            names = [f"{node.target}.{n}" for n, p in modules[node.target].named_parameters()
-                     if f"{node.target}.{n}" in trainable]
-        elif node.op in ("call_function", "call_method"):
-            names = [a.target for a in node.all_input_nodes
-                     if a.op == "get_attr" and a.target in trainable]
+            found = [names.get(f"{node.target}.{n}") for n, _ in
+                     modules[node.target].named_parameters(remove_duplicate=False)]
+        elif node.op in ("call_function", "call_method") and not _reads_metadata(node):
+            found = [names.get(a.target) for a in node.all_input_nodes if a.op == "get_attr"]
         else:
             continue
-        for name in names:
+        found = list(dict.fromkeys(n for n in found if n is not None))
+        for name in found:
             used_by.setdefault(name, []).append(node)
-        if names:
-            op_params[node] = names
+        if found:
+            op_params[node] = found
     return op_params, used_by
 
 
@@ -76,31 +98,51 @@ def multi_op_modules(gm, model):
     weight-standardised convolution: reshape, mean, var, conv): fxlra traces them again as one
     leaf op, whose update is its weight-gradient at its recorded input."""
     modules = dict(gm.named_modules())
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    _, used_by = _param_uses(gm, modules, trainable)
+    _, used_by = _param_uses(gm, modules, canonical_names(model))
     return sorted({name.rsplit(".", 1)[0] for name, users in used_by.items()
                    if len(users) > 1 and "." in name and
                    all(u.op != "call_module" for u in users)})
 
 
-def find_param_ops(gm, modules, model):
-    """Map each node that uses trainable parameters to their qualified names."""
-    _check_untied(model)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+def _local_key(node, name, modules, model):
+    """How ``node`` reads parameter ``name``: its module's own attribute name, or the target of
+    the get_attr node it takes (tied tensors: the name of this use)."""
+    if node.op == "call_module":
+        p = model.get_parameter(name)
+        return next(k for k, q in modules[node.target].named_parameters(remove_duplicate=False)
+                    if q is p)
+    names = canonical_names(model)
+    return next(a.target for a in node.all_input_nodes
+                if a.op == "get_attr" and names.get(a.target) == name)
+
+
+def find_param_ops(gm, modules, model, shared_params="sum"):
+    """Map each node that uses trainable parameters to their (canonical) qualified names. A
+    parameter used by several ops (a shared module, tied weights) gets a rule at each use, and
+    its updates are summed, unless ``shared_params="refuse"``."""
+    names = canonical_names(model)
+    trainable = set(names.values())
     if not trainable:
         frozen = sum(1 for _ in model.parameters())
         raise PlanError(f"{type(model).__name__} has no trainable parameter "
                         f"({f'all {frozen} are frozen' if frozen else 'it has none'}); rec-LRA "
                         "has nothing to update. Unfreeze the parameters to train "
                         "(requires_grad_(True))")
-    op_params, nodes_of = _param_uses(gm, modules, trainable)
+    op_params, nodes_of = _param_uses(gm, modules, names)
     used_by = {p: [n.name for n in users] for p, users in nodes_of.items()}
     shared = {p: users for p, users in used_by.items() if len(users) > 1}
-    if shared:
-        p, users = next(iter(shared.items()))
-        raise PlanError(f"parameter {p} is used by {len(users)} ops ({', '.join(users)}); rec-LRA "
-                        "updates each parameter with one site's error. Give each use its own "
-                        "module, or freeze it with requires_grad_(False)")
+    aliases = sorted(n for n, c in names.items() if n != c)
+    if shared_params == "refuse" and (shared or aliases):
+        p = next(iter(shared)) if shared else names[aliases[0]]
+        users = used_by[p]
+        also = [n for n in aliases if names[n] == p]
+        tied = f" (also named {' and '.join(also)}: one tied tensor)" if also else ""
+        what = f"parameter {p}{tied} is used by {len(users)} op{'s' * (len(users) > 1)} " \
+               f"({', '.join(users)})"
+        raise PlanError(f"{what}, and shared_params='refuse' asks for one site's error per "
+                        "parameter. Give each use its own module or parameter, freeze it with "
+                        "requires_grad_(False), or pass shared_params='sum' to sum the updates "
+                        "of its uses (as backprop sums their gradients)")
     unused = sorted(trainable - set(used_by))
     if unused:
         raise PlanError(f"parameter {unused[0]} reaches no error site (it is not used by the "
@@ -176,12 +218,14 @@ def _sweep(nodes, modules, op_params, identity, outputs, from_input):
     """One forward pass of the site rule. Returns (sites, pending) for the given forced sites."""
     pending, sites = {}, []
     for node in nodes:
-        if node.op in ("placeholder", "get_attr", "output") or not shapes.tensor_valued(node):
+        if node.op in ("placeholder", "get_attr", "output") or not shapes.tensor_valued(node) \
+                or _carries_no_error(node):
             pending[node] = frozenset()
             continue
         incoming = frozenset().union(*(pending[a] for a in node.all_input_nodes))
         own = incoming | ({node} if node in op_params else frozenset())
-        activation = incoming and from_input[node] and ops.is_activation(node, modules)
+        activation = incoming and from_input[node] and ops.is_activation(node, modules) and \
+            shapes.batch_first(node)
         if node in identity or node in outputs or activation:
             sites.append(node)
             pending[node] = frozenset()
@@ -197,7 +241,9 @@ def _violations(nodes, modules, op_params, pending, from_input):
     extra = set()
     for node in nodes:
         if node in op_params and ops.is_weight_op(node, modules):
-            extra |= {a for a in node.all_input_nodes if pending[a] and from_input[a]}
+            for a in node.all_input_nodes:
+                if pending[a] and from_input[a]:
+                    extra |= _nearest_tensor(a, pending, modules)
         if pending.get(node) and len(node.users) > 1:
             if not from_input[node]:
                 names = sorted(n.name for n in pending[node])
@@ -205,7 +251,7 @@ def _violations(nodes, modules, op_params, pending, from_input):
                                 f"{node.name} before reaching the input's path; rec-LRA needs one "
                                 "owner site per parameter. Freeze them, or compute them inside a "
                                 "leaf module (leaf_modules=[...])")
-            found = _nearest_tensor(node, pending)
+            found = _nearest_tensor(node, pending, modules)
             if not found:
                 raise _fan_out_error(node, pending)
             extra |= found
@@ -224,16 +270,32 @@ def _fan_out_error(node, pending):
                      f"tensor")
 
 
-def _nearest_tensor(node, pending):
-    """The node itself if it is one tensor; for a tuple (chunk, split, attention outputs) the
-    tensors with unresolved errors that feed it, where an identity site can sit."""
-    if shapes.shape_of(node) is not None:
+def _nearest_tensor(node, pending, modules=None):
+    """The node itself if it is one batch-first tensor; else (a tuple from chunk, split or
+    attention; a value whose batch axis moved, as attention's permuted q, k, v) the nearest
+    such tensors with unresolved errors that feed it, where an identity site can sit. Above a
+    moved batch axis the search also skips the reshapes that moved it, so the site sits on the
+    values an op computed (the qkv projection's output)."""
+    if shapes.shape_of(node) is not None and shapes.batch_first(node):
         return {node}
     found = set()
     for a in node.all_input_nodes:
         if pending.get(a):
-            found |= _nearest_tensor(a, pending)
+            found |= _nearest_tensor(_above_reshapes(a, pending, modules), pending, modules)
+    if not found and shapes.shape_of(node) is not None and shapes.batch_first(node, merged=True):
+        return {node}           # a batch merged with another axis (windows): the best there is
     return found
+
+
+def _above_reshapes(node, pending, modules):
+    """The value a chain of reshapes, permutes and transposes started from (``node`` itself
+    when it is not such an op)."""
+    while modules is not None and ops.is_layout_op(node, modules):
+        inputs = [a for a in node.all_input_nodes if pending.get(a)]
+        if len(inputs) != 1 or shapes.shape_of(inputs[0]) is None:
+            break
+        node = inputs[0]
+    return node
 
 
 def find_sites(gm, modules, op_params):
@@ -382,8 +444,24 @@ def find_blocks(nodes, g, site_names, order, owner, op_params, from_input):
     return tuple(blocks)
 
 
+def _check_batch_axes(sites, by_name, outputs):
+    """Every site but the outputs holds one value per sample along its first axis: an error
+    synapse maps a sample's error onto it."""
+    for s in sites:
+        node = by_name[s.name]
+        if s.name not in outputs and not shapes.batch_first(node):
+            raise PlanError(
+                f"site {s.name} would hold the error neurons of a value of shape "
+                f"{shapes.shape_of(node)} whose first axis is not the batch alone (the batch "
+                "merged with another axis, as attention heads or windows folded into it); an "
+                "error synapse maps each sample's error onto one sample's values. Fix: make "
+                "the module that computes it a leaf (leaf_modules=[...]), or compile with "
+                "scope='block' so that the site joins its residual block's output")
+
+
 # -- entry point ----------------------------------------------------------------------------------
-def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer"):
+def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer",
+            shared_params="sum"):
     """Sites (forward order, primary output last), parameter rules, and the site graph."""
     modules = dict(gm.named_modules())
     gm.graph.eliminate_dead_code()
@@ -391,7 +469,7 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer"):
     shapes.propagate_shapes(gm, example_inputs)
     passes.unpack_tuple_arguments(passes.fields_to_indices(gm))
     output_nodes(gm)                      # what the model returns is checked first
-    op_params = find_param_ops(gm, modules, model)
+    op_params = find_param_ops(gm, modules, model, shared_params)
     nodes = list(gm.graph.nodes)
     site_nodes, outputs, pending = find_sites(gm, modules, op_params)
     owner = _regions(nodes, site_nodes, pending)
@@ -407,7 +485,8 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer"):
         site = owner.get(node)
         if site is None:
             raise PlanError(f"parameter {names[0]} (op {node.name}) reaches no error site")
-        rules += [ParamRule(p, node.name, ops.rule_name(node, modules), site.name) for p in names]
+        rules += [ParamRule(p, node.name, ops.rule_name(node, modules), site.name,
+                            _local_key(node, p, modules, model)) for p in names]
     model_order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     rules.sort(key=lambda r: model_order[r.param])
 
@@ -427,6 +506,7 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer"):
         order = {s.name: i for i, s in enumerate(sites)}
     downstream = {s: tuple(sorted(_nearest(g, s, site_names, "down"), key=order.get))
                   for s in site_names}
+    _check_batch_axes(sites, {n.name: n for n in nodes}, {o.name for o in outputs})
     members = scopes.block_members(g, sites, blocks, {o.name for o in outputs})
     graph = SiteGraph(tuple(s.name for s in sites), tuple(o.name for o in outputs),
                       downstream, blocks, members)

@@ -7,6 +7,7 @@ then the local updates of every site, then the error-synapse updates. Values are
 their last use. The source is deterministic and compiled under a registered file name so that
 tracebacks and ``inspect`` show the generated lines.
 """
+import collections
 import hashlib
 import linecache
 import operator
@@ -296,8 +297,10 @@ class Generator(UpdateStage):
     # -- assembly ---------------------------------------------------------------------------------
     def generate(self):
         self._param_ops = {}
+        self._uses = collections.Counter(f"model.{r.param}" for r in self.plan.params)
+        self._shared_parts = {}
         for r in self.plan.params:
-            self._param_ops.setdefault(self.nodes[r.op], []).append(r.param)
+            self._param_ops.setdefault(self.nodes[r.op], []).append(r)
         self._bn_stats = {n.name: f"stats_{n.name}" for n in self._param_ops
                           if self._keeps_bn_stats(n)}
         self.env["fetch"] = _Fetch(self.gm)

@@ -150,7 +150,8 @@ class UpdateStage:
         return f"{args}, {self.fmt(dict(node.kwargs))}"
 
     def _param_update(self, node, c):
-        names = self._param_ops[node]
+        rules = self._param_ops[node]
+        names = [r.param for r in rules]
         target = f"grads_{node.name}"
         if node.op == "call_module" and self._rule(node) in local.MODULE_GRADS:
             fn = local.MODULE_GRADS[self._rule(node)]
@@ -167,7 +168,7 @@ class UpdateStage:
                 self._input_vjp[node.name] = target      # the input-VJP from the same call
             self.src.add(f"{target} = {owner}.{fn.__name__}({', '.join(args)})", [target],
                          [c, x] + stats)
-            keys = [n[len(node.target) + 1:] for n in names]
+            keys = [r.key for r in rules]
             if fn is local.linear_grads:
                 self._linear_grads[(x, self._alias.get(c, c))] = target
         elif node.op == "call_module":
@@ -176,18 +177,33 @@ class UpdateStage:
             uses = [a.name for a in node.all_input_nodes]
             self.src.add(f"{target} = local.module_param_vjp({module}, {self._call_form(node)}, "
                          f"{c})", [target], uses + [c])
-            keys = [n[len(node.target) + 1:] for n in names]
+            keys = [r.key for r in rules]
         else:
             self.fallbacks.append(node.name)
             where = {a.target: k for k, a in enumerate(_leaves(node))
                      if isinstance(a, fx.Node) and a.op == "get_attr"}
-            wrt = [where[n] for n in names]
+            wrt = [where[r.key] for r in rules]
             uses = [a.name for a in node.all_input_nodes]
             self.src.add(f"{target} = local.local_vjp({self.opcall(node)}, "
                          f"{self._call_form(node)}, {c}, {wrt})", [target], uses + [c])
             keys = list(range(len(names)))
         for key, qual in zip(keys, names):
-            self.update_names.append((f"model.{qual}", f"{target}[{key!r}]", target))
+            self._add_update(f"model.{qual}", f"{target}[{key!r}]", target)
+
+    def _add_update(self, name, expr, variable):
+        """Record one update; a parameter used by several ops (shared) gets one, the sum of its
+        uses' updates, once the last of them is computed."""
+        uses = self._uses[name]
+        if uses == 1:
+            self.update_names.append((name, expr, variable))
+            return
+        parts = self._shared_parts.setdefault(name, [])
+        parts.append((expr, variable))
+        if len(parts) == uses:
+            total = "sum_" + name.replace(".", "_")
+            self.src.add(f"{total} = {' + '.join(e for e, _ in parts)}", [total],
+                         [v for _, v in parts])
+            self.update_names.append((name, total, total))
 
     def _fuses_input_vjp(self, node, fn):
         """Whether the op's weight-gradient call also returns its input-VJP: the site's error

@@ -279,10 +279,8 @@ class OpCall:
 
 def lookup(table_modules, table_functions, table_methods, call):
     if call.module is not None:
-        for cls in type(call.module).__mro__:
-            if cls in table_modules:
-                return table_modules[cls]
-        return None
+        key = ops.row_class(type(call.module), table_modules)
+        return None if key is None else table_modules[key]
     if call.op == "call_function":
         return table_functions.get(call.target)
     return table_methods.get(call.target)
@@ -333,6 +331,8 @@ def _under_func(name, run):
     try:
         return run()
     except RuntimeError as exc:
+        if _MUTATES_CAPTURED.search(str(exc)):
+            raise _MutatesCaptured() from exc
         raise UnsupportedError(
             f"{name} has no rule of its own, and torch.func cannot differentiate it (torch.func "
             f"said: {exc}); it probably leaves torch (numpy, data_ptr). Fix: write it with torch "
@@ -340,6 +340,37 @@ def _under_func(name, run):
 
 
 _NOT_DIFFERENTIABLE = re.compile(r"derivative for \S+ is not implemented")
+_MUTATES_CAPTURED = re.compile(r"in-place operation .* captured Tensor", re.S)
+
+
+class _MutatesCaptured(Exception):
+    """The op writes in place into a tensor it closes over (a leaf module that updates its own
+    state, adds into a temporary): torch.func refuses, autograd does not."""
+
+
+def _vjp(name, fn, primals, cot):
+    """VJP of ``fn`` at ``primals`` (a tuple of tensors or of dicts of them) for ``cot``:
+    torch.func's, or autograd's when the op mutates a tensor it captures."""
+    try:
+        out, pullback = torch.func.vjp(fn, *primals)
+        return _pull(name, pullback, _cotangent_like(out, cot))
+    except _MutatesCaptured:
+        leaves, spec = torch.utils._pytree.tree_flatten(primals)
+        with torch.enable_grad():
+            wanted = [p.detach().requires_grad_() for p in leaves]
+            out = fn(*torch.utils._pytree.tree_unflatten(wanted, spec))
+            outs, cots = _differentiable_pairs(out, _cotangent_like(out, cot))
+            grads = torch.autograd.grad(outs, wanted, cots, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(wanted, grads)]
+        return torch.utils._pytree.tree_unflatten(grads, spec)
+
+
+def _differentiable_pairs(out, cot):
+    """(output, cotangent) pairs of the outputs that autograd can differentiate."""
+    outs = torch.utils._pytree.tree_leaves(out)
+    cots = torch.utils._pytree.tree_leaves(cot)
+    pairs = [(o, c) for o, c in zip(outs, cots) if isinstance(o, torch.Tensor) and o.requires_grad]
+    return [o for o, _ in pairs], [c for _, c in pairs]
 
 
 def _pull(name, pullback, cot):
@@ -367,8 +398,7 @@ def local_vjp(fn, args, kwargs, cot, wrt):
         a, kw = torch.utils._pytree.tree_unflatten(full, spec)
         return _under_func(name, lambda: _tensors_only(fn(*a, **kw)))
     name = f"op {getattr(fn, 'name', fn)}"
-    out, pullback = torch.func.vjp(partial, *[leaves[k] for k in wrt])
-    return list(_pull(name, pullback, _cotangent_like(out, cot)))
+    return list(_vjp(name, partial, tuple(leaves[k] for k in wrt), cot))
 
 
 def module_param_vjp(module, args, kwargs, cot):
@@ -381,6 +411,5 @@ def module_param_vjp(module, args, kwargs, cot):
         return _under_func(name, lambda: _tensors_only(
             torch.func.functional_call(module, {**p, **buffers}, tuple(args), kwargs)))
     name = f"module {type(module).__name__}"
-    out, pullback = torch.func.vjp(call, params)
-    (grads,) = _pull(name, pullback, _cotangent_like(out, cot))
+    (grads,) = _vjp(name, call, (params,), cot)
     return grads

@@ -56,13 +56,26 @@ def registered_activation_functions():
             if (getattr(fn, "__module__", None) or "torch").split(".")[0] not in ("torch", "builtins")]
 
 
+def row_class(cls, table):
+    """The class of ``table`` whose row describes module class ``cls``: its nearest base in the
+    table, unless ``cls`` computes something else, its ``forward`` defined by a class outside
+    torch below that base (timm's BatchNormAct2d adds an activation to its BatchNorm, a
+    weight-standardised Conv2d transforms its weight): then no row applies (None)."""
+    for key in cls.__mro__:
+        if key in table:
+            definer = next(c for c in cls.__mro__ if "forward" in vars(c))
+            own = definer is key or issubclass(key, definer) or \
+                definer.__module__.split(".")[0] == "torch"
+            return key if own else None
+    return None
+
+
 def _lookup(node, modules, by_module, by_function, by_method):
     """The table entry for ``node``; ``(False, None)`` when it is not in the table."""
     if node.op == "call_module":
-        cls = type(modules[node.target])
-        for key in cls.__mro__:
-            if key in by_module:
-                return True, by_module[key]
+        key = row_class(type(modules[node.target]), by_module)
+        if key is not None:
+            return True, by_module[key]
     elif node.op == "call_function" and node.target in by_function:
         return True, by_function[node.target]
     elif node.op == "call_method" and node.target in by_method:
@@ -109,6 +122,36 @@ _PASS_METHODS = {
 _PASS_METHODS.update({m: (1,) for m in _ACTIVATION_METHODS})
 
 
+# --- ops that only rearrange a tensor's elements (where a moved batch axis comes from) ---------
+_LAYOUT_FUNCTIONS = {fn: True for fn in (torch.reshape, torch.flatten, torch.permute,
+                                         torch.transpose, torch.swapaxes, torch.movedim,
+                                         torch.unflatten)}
+_LAYOUT_METHODS = {m: True for m in ("reshape", "view", "flatten", "unflatten", "permute",
+                                     "transpose", "swapaxes", "movedim", "contiguous")}
+
+
+def is_layout_op(node, modules):
+    """Whether the op only moves or regroups elements (no arithmetic)."""
+    return bool(_lookup(node, modules, {nn.Flatten: True, nn.Unflatten: True}, _LAYOUT_FUNCTIONS,
+                        _LAYOUT_METHODS)[1])
+
+
+# --- ops whose value does not depend on their input's values (a drop-path mask from new_empty) --
+_CONSTANT_FUNCTIONS = {fn: True for fn in (torch.zeros_like, torch.ones_like, torch.empty_like,
+                                           torch.full_like, torch.rand_like, torch.randn_like,
+                                           torch.randint_like)}
+_CONSTANT_METHODS = {m: True for m in ("new_empty", "new_zeros", "new_ones", "new_full",
+                                       "new_tensor", "bernoulli_", "uniform_", "normal_",
+                                       "exponential_", "random_", "fill_", "zero_")}
+
+
+def ignores_input_values(node):
+    """Whether the op's value is the same whatever values its tensor inputs hold (their shape,
+    dtype or device only): no error is carried into it, and it holds no site."""
+    return node.op != "call_module" and \
+        bool(_lookup(node, {}, {}, _CONSTANT_FUNCTIONS, _CONSTANT_METHODS)[1])
+
+
 def pass_through_signs(node, modules):
     """Signs with which the error passes to each tensor input, or None if the op needs a VJP."""
     return _lookup(node, modules, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS)[1]
@@ -153,37 +196,21 @@ _CHANNEL_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding,
 _CHANNEL_LAST_FUNCTIONS = (F.linear, F.layer_norm)
 
 
-# rules whose module a subclass may not reuse when it overrides forward (its weight may enter the
-# op transformed, as in a weight-standardised convolution); a norm subclass keeps its rule
-_FORWARD_BOUND_RULES = ("linear", "conv")
-
-
-def _overrides_forward(module):
-    """Whether a subclass of a Linear or Conv computes something else (its own forward: a
-    weight-standardised Conv2d): the parent's rule would not be its gradient."""
-    for cls in type(module).__mro__:
-        if cls in _RULE_MODULES:
-            return _RULE_MODULES[cls] in _FORWARD_BOUND_RULES and \
-                type(module).forward is not cls.forward
-    return False
-
-
 def rule_name(node, modules):
     """The update rule of a parametrised op; "local-vjp" when fxlra has no rule of its own
     (also for a subclass of a rule's module that overrides its forward)."""
     found, name = _lookup(node, modules, _RULE_MODULES, _RULE_FUNCTIONS, {})
-    if found and not (node.op == "call_module" and _overrides_forward(modules[node.target])):
-        return name
     if found:
-        return "local-vjp"
+        return name
     if pass_through_signs(node, modules) is not None:
         return "elementwise"
     return "local-vjp"
 
 
 def is_weight_op(node, modules):
-    """True for parametrised ops that mix features; False for elementwise ones (norms, bias)."""
-    return pass_through_signs(node, modules) is None
+    """True for parametrised ops that mix features; False for elementwise ones (norms, bias),
+    a norm with its own forward included (timm's BatchNormAct2d)."""
+    return pass_through_signs(node, modules) is None and not is_norm(node, modules)
 
 
 def channel_last(node, modules):

@@ -45,6 +45,7 @@ class ParamRule:
     op: str              # the fx node that uses it
     rule: str            # "linear", "conv", "batchnorm", ..., "local-vjp"
     site: str            # the owner site whose error drives it
+    key: str = ""        # how the op names it: its module's own attribute, or the get_attr target
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,8 @@ class Plan:
             for node in s.region:
                 assert node not in seen, f"node {node} is in the regions of {seen[node]} and {s.name}"
                 seen[node] = s.name
-        params = [r.param for r in self.params]
-        assert len(set(params)) == len(params), "a parameter has more than one rule"
+        uses = [(r.param, r.op) for r in self.params]
+        assert len(set(uses)) == len(uses), "a parameter has two rules at one op"
         for r in self.params:
             assert r.site in self._index, f"{r.param}: unknown site {r.site}"
             assert r.op in self._index[r.site].ops, f"{r.param}: op {r.op} not in {r.site}"

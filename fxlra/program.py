@@ -2,6 +2,7 @@
 synapses, with ``step``, ``updates``, ``sites``, ``wiring``, ``synapse``, ``explain`` and the
 model's forward as ``prog(x)``.
 """
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -103,10 +104,13 @@ class Program(nn.Module):
         lines = [f"{'parameter':<44} {'site':<22} {'rule':<12} error from"]
         depth = self.plan.depth
         crossed = {s.name: s.crosses for s in self.plan.sites if s.crosses}
+        uses = collections.Counter(r.param for r in self.plan.params)
         for r in self.plan.params:
             parents = ", ".join(self.plan.parents(r.site)) or "labels (output)"
             note = "  (local VJP of the op: fxlra has no rule of its own)" \
                 if r.rule == "local-vjp" else ""
+            if uses[r.param] > 1:
+                note += f"  (shared by {uses[r.param]} ops, at {r.op}: the updates are summed)"
             if r.site in crossed and self._crosses_to(r):
                 note += "  (block-local VJP: its error crosses an activation inside the block)"
             lines.append(f"model.{r.param:<38} {r.site:<22} {r.rule:<12} {parents}"
@@ -398,7 +402,8 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
             alpha=1.0, kappa=1.0, error_rule="hebbian-z", local_rule="hebbian", clip=1.0,
             error_init_std=0.05, synapses=None, leaf_modules=(), concrete_args=None,
             example_inputs=None, nonfinite="raise", max_skips=10, kernels="auto", devices=None,
-            streams="auto", cuda_graph=False, preset=None, scope=None, norm_error=None, map_synapse=None):
+            streams="auto", cuda_graph=False, preset=None, scope=None, norm_error=None,
+            map_synapse=None, shared_params="sum"):
     """Trace ``model``, find its error sites, wire them, and return a :class:`Program`.
 
     See the README for every option and the paper's value of each in each experiment.
@@ -410,6 +415,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     rules.check_choice("norm_error", norm_error, ops.NORM_ERRORS)
     rules.check_choice("map_synapse", map_synapse, syn.MAP_SYNAPSES)
     rules.check_choice("scope", scope, scope_mod.SCOPES)
+    rules.check_choice("shared_params", shared_params, analysis.SHARED_PARAMS)
     health.check_options(nonfinite, max_skips)
     devices = placement.check_devices(devices)
     _check_streams(streams, devices, cuda_graph)
@@ -422,7 +428,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
         gm = trace.trace(model, tuple(leaf_modules) + tuple(multi), concrete_args)
     gm = passes.make_out_of_place(gm)
     sites, params, site_graph = analysis.analyse(gm, model, rules.OUTPUT_PHI[loss],
-                                                 example_inputs, scope)
+                                                 example_inputs, scope, shared_params)
     graph, name = wiring_mod.build(wiring, site_graph, depth)
     edges, modules = _build_edges(sites, graph, synapses, error_init_std, gm, map_synapse)
     plan = Plan(sites=sites, outputs=site_graph.outputs, params=params, edges=edges,
@@ -431,7 +437,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
                    error_rule=error_rule, local_rule=local_rule, clip=clip,
                    nonfinite=nonfinite, max_skips=max_skips, kernels=kernels, streams=streams,
                    cuda_graph=cuda_graph, preset=preset or "fxlra", scope=scope, norm_error=norm_error,
-                   map_synapse=map_synapse)
+                   map_synapse=map_synapse, shared_params=shared_params)
     like = next(model.parameters(), torch.empty(0))
     if devices is not None:
         if devices[0] != like.device:

@@ -213,23 +213,23 @@ class _Run:
         updates = {}
         for op_name in site.ops:
             node = self.nodes[op_name]
-            names = [r.param for r in self.plan.params if r.op == op_name]
-            grads = self._param_grads(node, names, cot[op_name])
-            updates.update({n: g / batch for n, g in zip(names, grads)})
+            rules = [r for r in self.plan.params if r.op == op_name]
+            grads = self._param_grads(node, [r.key for r in rules], cot[op_name])
+            for r, g in zip(rules, grads):      # a shared parameter: its uses' updates add up
+                updates[r.param] = updates.get(r.param, 0) + g / batch
         return updates
 
-    def _param_grads(self, node, names, c):
+    def _param_grads(self, node, keys, c):
         if node.op == "call_module":
             module = self.modules[node.target]
-            prefix = len(node.target) + 1
             local = {n: p.detach().requires_grad_() for n, p in module.named_parameters()}
             state = _stateless(module, local)
             args = fx.node.map_arg(node.args, lambda a: self.env[a.name])
             kwargs = fx.node.map_arg(node.kwargs, lambda a: self.env[a.name])
             return _local_grad(lambda: functional_call(module, state, args, kwargs),
-                               [local[n[prefix:]] for n in names], c)
+                               [local[k] for k in keys], c)
         attrs = {a.target: a.name for a in node.all_input_nodes if a.op == "get_attr"}
-        leaves = {attrs[n]: self.env[attrs[n]].detach().requires_grad_() for n in names}
+        leaves = {attrs[k]: self.env[attrs[k]].detach().requires_grad_() for k in keys}
         return _local_grad(lambda: rerun(node, self.env, self.modules, leaves),
                            list(leaves.values()), c)
 
@@ -266,6 +266,7 @@ def compute_updates(gm, plan, synapses, x, y, options):
         batch = outputs[0].shape[0]
         for site in plan.sites:
             cot = run.carry(site, sig.errors[site.name])
-            sig.params.update(run.param_updates(site, cot, batch))
+            for name, u in run.param_updates(site, cot, batch).items():
+                sig.params[name] = sig.params.get(name, 0) + u
         sig.synapses = run.synapse_updates(sig, batch)
     return sig

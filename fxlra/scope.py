@@ -2,9 +2,11 @@
 (or a stage of blocks) join the block's output site, so that one error, at the block's output,
 updates every parameter of the block by the local VJP of the whole block.
 """
+import dataclasses
+
 import networkx as nx
 
-from .plan import ParamRule, Site
+from .plan import Site
 
 SCOPES = ("layer", "block", "stage")
 
@@ -64,6 +66,6 @@ def join_blocks(g, sites, rules, blocks, outputs, node_order, derived):
             s = Site(s.name, s.kind, s.h, s.activation, s.layout, tuple(region), tuple(ops_),
                      crosses)
         kept.append(s)
-    rules = tuple(ParamRule(r.param, r.op, r.rule, joined.get(r.site, r.site)) for r in rules)
+    rules = tuple(dataclasses.replace(r, site=joined.get(r.site, r.site)) for r in rules)
     blocks = tuple(b for b in blocks if b.output not in joined and b.input not in joined)
     return tuple(kept), rules, blocks

@@ -56,15 +56,57 @@ def _probe_candidates(gm, modules):
     return []
 
 
-def _record_shapes(gm, args, fake):
+class _BatchAxisRecorder(fx.Interpreter):
+    """Runs the graph again on a batch one larger and marks, per single-tensor node, whether
+    its first axis is the batch axis: the only one that grew, from B to B + 1 (not a batch
+    merged with another axis, B * T)."""
+
+    def __init__(self, gm, batch):
+        super().__init__(gm)
+        self.batch = batch
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        before = tensor_meta(n)
+        if isinstance(result, torch.Tensor) and before is not None:
+            old, new = tuple(before.shape), tuple(result.shape)
+            first = len(old) > 0 and old[1:] == new[1:] and old[0] != new[0]
+            n.meta["batch_first"] = True if len(old) != len(new) else \
+                "merged" if first and old[0] != self.batch else first
+        return result
+
+
+def _run(recorder, args, fake):
     if not fake:
         with torch.no_grad():
-            _ShapeRecorder(gm).run(*args)
+            recorder.run(*args)
         return
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     values = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     with mode:
-        _ShapeRecorder(gm).run(*values)
+        recorder.run(*values)
+
+
+def _record_shapes(gm, args, fake):
+    _run(_ShapeRecorder(gm), args, fake)
+    _record_batch_axes(gm, args, fake)
+
+
+def _record_batch_axes(gm, args, fake):
+    """``node.meta["batch_first"]``: rerun at batch B + 1 (each input's first sample appended)
+    and see which axis grows. A model that accepts only its example's batch size keeps the
+    convention that every tensor is batch-first (nothing is marked)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0]
+    if not tensors:
+        return
+    batch = tensors[0].shape[0]
+    grown = tuple(torch.cat([a, a[:1]]) if isinstance(a, torch.Tensor) and a.dim() > 0
+                  and a.shape[0] == batch else a for a in args)
+    try:
+        _run(_BatchAxisRecorder(gm, batch), grown, fake)
+    except Exception:   # a fixed batch size (a reshape to a literal); no batch axes are known
+        for n in gm.graph.nodes:
+            n.meta.pop("batch_first", None)
 
 
 def propagate_shapes(gm, example_inputs=None):
@@ -105,6 +147,14 @@ def tensor_meta(node):
     """The node's TensorMetadata (shape, dtype, ...) if it computes one tensor, else None."""
     meta = node.meta.get("tensor_meta")
     return meta if isinstance(meta, TensorMetadata) else None
+
+
+def batch_first(node, merged=False):
+    """Whether the node's first axis is its batch axis (True where unknown). A value whose batch
+    axis moved (attention's permuted q, k, v) cannot hold a site's neurons; with ``merged``, a
+    first axis that is the batch merged with another (B * windows) counts too."""
+    mark = node.meta.get("batch_first", True)
+    return mark is True or (merged and mark == "merged")
 
 
 def shape_of(node):

@@ -2,6 +2,9 @@
 every parameter, residual blocks, layouts and synapse kinds, plan equality and stability, and
 the PlanErrors for models rec-LRA cannot train (DESIGN.md section 1, "Error sites", "Owners",
 "Error synapses")."""
+import copy
+from collections import Counter
+
 import pytest
 import torch
 import torchvision
@@ -175,44 +178,88 @@ def test_freezing_the_unused_parameter_makes_compile_succeed():
     assert not any("spare" in k for k in updates)
 
 
-def test_parameter_used_twice_by_one_module_is_a_plan_error_naming_it():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.shared, self.c = nn.Linear(6, 6), nn.Linear(6, 3)
+class Twice(nn.Module):
+    """One module applied twice (a shared block); ``Untied`` is its twin with two copies."""
 
-        def forward(self, x):
-            return self.c(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
-    with pytest.raises(fxlra.PlanError, match=r"shared\.weight"):
-        fxlra.compile(Twice())
+    def __init__(self):
+        super().__init__()
+        self.shared, self.c = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
 
 
-def test_tied_weights_across_two_modules_are_a_plan_error_naming_them():
+class Untied(nn.Module):
+    def __init__(self, twice):
+        super().__init__()
+        self.first, self.second = copy.deepcopy(twice.shared), copy.deepcopy(twice.shared)
+        self.c = copy.deepcopy(twice.c)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+class Tied(nn.Module):
     """Weight tying the usual way: two modules hold the same Parameter object."""
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc, self.dec = nn.Linear(6, 6), nn.Linear(6, 6)
-            self.dec.weight = self.enc.weight
 
-        def forward(self, x):
-            return self.dec(torch.tanh(self.enc(x)))
-    with pytest.raises(fxlra.PlanError, match=r"enc\.weight|dec\.weight"):
-        fxlra.compile(Tied())
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x)))
 
 
-def test_functional_parameter_used_twice_is_a_plan_error():
-    class Fn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 6)
-            self.w = nn.Parameter(torch.randn(3, 6))
+class FunctionalTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.w = nn.Parameter(torch.randn(3, 6))
 
-        def forward(self, x):
-            h = torch.tanh(self.a(x))
-            return F.linear(h, self.w) + F.linear(h * 2, self.w)
-    with pytest.raises(fxlra.PlanError, match=r"\bw\b"):
-        fxlra.compile(Fn())
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return F.linear(h, self.w) + F.linear(h * 2, self.w)
+
+
+@pytest.mark.parametrize("model, x, names", [
+    (Twice, (3, 6), r"parameter shared\.weight is used by 2 ops"),
+    (Tied, (3, 6), r"parameter enc\.weight \(also named dec\.weight: one tied tensor\) is used by 2 ops"),
+    (FunctionalTwice, (3, 4), r"parameter w is used by 2 ops"),
+])
+def test_shared_parameters_are_refused_when_asked(model, x, names):
+    with pytest.raises(fxlra.PlanError, match=names + r".*shared_params='refuse'"):
+        fxlra.compile(model(), shared_params="refuse", example_inputs=torch.randn(*x))
+
+
+@pytest.mark.parametrize("model, x", [(Twice, (3, 6)), (Tied, (3, 6)), (FunctionalTwice, (3, 4))])
+def test_shared_parameters_get_a_rule_per_use_and_match_the_reference(model, x):
+    model, x = model(), torch.randn(*x)
+    y = torch.tensor([0, 1, 2])
+    prog = fxlra.compile(model, example_inputs=x)
+    uses = Counter(r.param for r in prog.plan.params)
+    assert max(uses.values()) == 2 and set(uses) == {n for n, _ in model.named_parameters()}
+    updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
+    assert set(updates) == set(ref) == {n for n, _ in prog.named_parameters()}
+    for n in ref:
+        torch.testing.assert_close(updates[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    shared = [n for n, k in uses.items() if k == 2]
+    assert all("shared by 2 ops" in line for line in prog.explain().splitlines()
+               if any(line.startswith(f"model.{n} ") for n in shared))
+
+
+def test_a_shared_module_is_updated_by_the_sum_of_its_uses_updates():
+    """As backprop sums a shared weight's gradients: the update of a module applied twice is
+    the sum of the updates its two untied copies get (same weights, same synapses)."""
+    twice = Twice()
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(1)
+    tied = fxlra.compile(twice, example_inputs=x).updates(x, y)
+    torch.manual_seed(1)
+    untied = fxlra.compile(Untied(twice), example_inputs=x).updates(x, y)
+    for p in ("weight", "bias"):
+        torch.testing.assert_close(tied[f"model.shared.{p}"],
+                                   untied[f"model.first.{p}"] + untied[f"model.second.{p}"])
 
 
 # -- ops without a rule of their own ----------------------------------------------------------------
@@ -550,15 +597,3 @@ def test_a_module_using_its_parameter_in_several_ops_is_one_op_with_its_local_vj
     out = torch.func.functional_call(model.c, {"weight": w, "bias": model.c.bias}, (x,))
     (g,) = torch.autograd.grad(out, [w], sig.errors["relu"])
     torch.testing.assert_close(updates["model.c.weight"], g / x.shape[0])
-
-
-def test_a_root_parameter_used_by_two_ops_is_still_refused():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(3, 4))
-
-        def forward(self, x):
-            return x @ self.w.t() + (x @ self.w.t()).tanh()
-    with pytest.raises(fxlra.PlanError, match=r"parameter w is used by 2 ops"):
-        fxlra.compile(Twice(), example_inputs=(torch.randn(2, 4),))
