@@ -1,17 +1,20 @@
 """Tracing: turn any ``nn.Module`` into an ``fx.GraphModule``, or explain why it cannot be done.
 
 Standard ``torch.nn`` modules stay leaves (fx's default); ``leaf_modules`` adds classes or
-qualified module names, ``concrete_args`` is passed through. A tracing failure becomes a
+qualified module names, ``concrete_args`` is passed through. A library's own registry of
+modules and functions not to trace (timm's, when timm is imported) is used too. A tracing failure becomes a
 :class:`~fxlra.errors.TraceError` naming the user's file and line, the kind of problem and the fixes.
 """
 import inspect
 import os
+import sys
 import traceback
 
 import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import PHBase
 
+from .containers import traced_forward
 from .errors import TraceError, UnsupportedError
 from .ops import (registered_activation_functions, registered_activation_modules,
                   rule_module_types)
@@ -43,17 +46,44 @@ _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, fx))
 _OWN_DIR = os.path.dirname(__file__) + os.sep
 
 
+# libraries that keep their own registry of modules and functions fx must not trace through
+# (the ones their feature extraction uses): (module, its modules getter, its functions getter);
+# read only when the library is already imported, so a model built with it gets its leaves
+_LIBRARY_REGISTRIES = (("timm.layers", "get_notrace_modules", "get_notrace_functions"),)
+
+
+def library_leaves():
+    """(module classes, functions) that imported libraries ask tracers to keep as one op."""
+    classes, functions = [], []
+    for name, get_modules, get_functions in _LIBRARY_REGISTRIES:
+        lib = sys.modules.get(name)
+        if lib is None:
+            continue
+        classes += [c for c in getattr(lib, get_modules, list)() if isinstance(c, type)]
+        functions += [f for f in getattr(lib, get_functions, list)() if callable(f)]
+    return tuple(classes), tuple(functions)
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules=()):
-        super().__init__(autowrap_functions=tuple(registered_activation_functions()))
-        self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        classes, functions = library_leaves()
+        super().__init__(autowrap_functions=tuple(registered_activation_functions()) + functions)
+        self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type)) + classes
         self._leaf_types += tuple(registered_activation_modules()) + tuple(rule_module_types())
         self._leaf_names = {n for n in leaf_modules if isinstance(n, str)}
 
     def is_leaf_module(self, m, qualname):
         if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
             return True
+        if traced_forward(m) is not None:            # nn.TransformerEncoder and its kin
+            return False
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        through = traced_forward(m)
+        if through is not None and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = through
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _user_frame(exc):
