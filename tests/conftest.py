@@ -4,6 +4,8 @@ The factories return fresh float32 models in train mode. ``small_cnn`` has every
 analysis must handle in a CNN: Conv2d -> BatchNorm2d -> ReLU, MaxPool2d, a residual block with a
 1x1-conv downsample shortcut, AdaptiveAvgPool2d, Flatten and Linear; it accepts any spatial size.
 """
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -29,6 +31,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def slow_enabled(request):
+    """Skips a slow-tier test unless FXLRA_SLOW=1 is set or ``-m slow`` is given."""
+    markexpr = request.config.getoption("markexpr", default="") or ""
+    if os.environ.get("FXLRA_SLOW") != "1" and markexpr.strip() != "slow":
+        pytest.skip(f"slow tier ({request.node.name}): set FXLRA_SLOW=1 (or run with -m slow)")
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fxlra
+from fxlra import shapes
 from conftest import make_cnn, make_mlp
 
 
@@ -597,3 +598,41 @@ def test_a_module_using_its_parameter_in_several_ops_is_one_op_with_its_local_vj
     out = torch.func.functional_call(model.c, {"weight": w, "bias": model.c.bias}, (x,))
     (g,) = torch.autograd.grad(out, [w], sig.errors["relu"])
     torch.testing.assert_close(updates["model.c.weight"], g / x.shape[0])
+
+
+class HandAttention(nn.Module):
+    """Self-attention written by hand, as timm's Attention is: the qkv projection reshaped to
+    (B, T, 3, heads, d) and permuted to (3, B, heads, T, d), whose batch axis is not first."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads, self.embed = heads, nn.Linear(4, dim)
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), \
+            nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, t, c = h.shape
+        qkv = self.qkv(h).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1) @ v
+        h = h + self.proj(a.transpose(1, 2).reshape(b, t, c))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("scope", ["layer", "block"])
+def test_no_site_sits_on_attentions_permuted_qkv(scope):
+    """The fan-out of q, k, v put an identity site on the permuted (3, B, heads, T, d) tensor and
+    its error synapse failed on the batch axis; the site now sits on the qkv projection's
+    (B, T, 3C) output, every site's first axis is the batch, and the updates equal the
+    reference interpreter's."""
+    model, x, y = HandAttention(), torch.randn(2, 5, 4), torch.tensor([0, 1])
+    prog = fxlra.compile(model, example_inputs=x, scope=scope)
+    nodes = {n.name: n for n in prog.graph_module.graph.nodes}
+    for s in prog.plan.sites:
+        assert shapes.batch_first(nodes[s.name]) and shapes.shape_of(nodes[s.name])[0] == 2, s
+    if scope == "layer":
+        assert "qkv" in prog.sites and "permute" not in prog.sites
+    updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
+    for n in ref:
+        torch.testing.assert_close(updates[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -9,8 +9,6 @@ parameter read for its dtype; BatchNormAct2d; a drop-path mask; heads folded int
 marked ``slow``: ``FXLRA_SLOW=1 python3 -m pytest -q -m slow tests/test_timm.py`` (about two
 minutes on 2 cores).
 """
-import os
-
 import pytest
 import torch
 
@@ -52,13 +50,6 @@ def test_timm_model(name):
 def test_the_zoo_covers_at_least_forty_models_across_families():
     assert len(timm_zoo.MODELS) >= 40 and len(timm_zoo.FAMILIES) >= 8
     assert set(timm_zoo.DEFAULT_TIER) <= set(timm_zoo.MODELS)
-
-
-@pytest.fixture
-def slow_enabled(request):
-    markexpr = request.config.getoption("markexpr", default="") or ""
-    if os.environ.get("FXLRA_SLOW") != "1" and markexpr.strip() != "slow":
-        pytest.skip("full timm sweep: set FXLRA_SLOW=1 (or run with -m slow)")
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ forward and their logits are output sites. Inputs are 3x64x64 where the model ac
 else 224 or 299 (ViT and MaxViT need 224, Inception v3's auxiliary head needs 299).
 """
 import gc
-import os
 from collections import Counter
 
 import pytest
@@ -245,14 +244,7 @@ def test_site_after_window_attention_has_channels_last_layout():
     assert all(torch.isfinite(u).all() for u in updates.values())
 
 
-# -- slow tier: the whole of torchvision ----------------------------------------------------------
-@pytest.fixture
-def slow_enabled(request):
-    markexpr = request.config.getoption("markexpr", default="") or ""
-    if os.environ.get("FXLRA_SLOW") != "1" and markexpr.strip() != "slow":
-        pytest.skip("full torchvision sweep: set FXLRA_SLOW=1 (or run with -m slow)")
-
-
+# -- slow tier: the whole of torchvision (conftest's slow_enabled) --------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
 def test_every_torchvision_model(name, slow_enabled):
