@@ -54,6 +54,14 @@ def _presnet():
     return model
 
 
+def _vit():
+    """timm's VisionTransformer at the digits' size: 16 patches of 7x7, width 64, 4 blocks."""
+    import timm
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=4,
+        num_heads=4, mlp_ratio=2.0)
+
+
 # model name -> (builder, input shape per sample, extra compile options)
 MODELS = {
     "resnet18": (lambda: models.ResNet18(10, 8, cifar=True, in_channels=1), (1, 28, 28), {}),
@@ -62,6 +70,7 @@ MODELS = {
               {"leaf_modules": fxlra.nn.LEAF_MODULES}),
     "cnn_bn": (lambda: SmallCNN(bn=True), (1, 28, 28), {}),
     "mlp": (lambda: models.mlp(5, 256, "tanh"), (784,), {}),
+    "vit": (_vit, (1, 28, 28), {}),          # needs timm (the test extra)
 }
 
 # variant name -> fxlra.compile options (None: backprop)
