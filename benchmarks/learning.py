@@ -83,6 +83,7 @@ VARIANTS = {
     "stage-std0.2": {"scope": "stage", "error_init_std": 0.2},
     "stage-std0.3": {"scope": "stage", "error_init_std": 0.3},
     "stage-std0.5": {"scope": "stage", "error_init_std": 0.5},
+    "stage-std1": {"scope": "stage", "error_init_std": 1.0},    # the paper's CNN init
     "block-std0.5": {"error_init_std": 0.5},
     "layer": {"scope": "layer"},
     "norm-pass": {"norm_error": "pass"},
