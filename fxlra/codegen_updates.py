@@ -259,8 +259,14 @@ class UpdateStage:
 
 
 def _leaves(node):
-    """The flattened (args, kwargs) of a node; local_vjp differentiates leaves by position."""
-    return torch.utils._pytree.tree_flatten((node.args, node.kwargs))[0]
+    """The flattened (args, kwargs) of a node; local_vjp differentiates leaves by position. A
+    tuple or list without nodes (a constant size) is one leaf, as local_vjp flattens it."""
+    return torch.utils._pytree.tree_flatten((node.args, node.kwargs), is_leaf=_node_free)[0]
+
+
+def _node_free(v):
+    return isinstance(v, (tuple, list)) and len(v) > 0 and not any(
+        isinstance(t, fx.Node) for t in torch.utils._pytree.tree_leaves(v))
 
 
 def _jvp_derivative(call, h):

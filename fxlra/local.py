@@ -386,10 +386,17 @@ def _pull(name, pullback, cot):
             "error crosses it), or write it with differentiable ops") from exc
 
 
+def _tensor_free(v):
+    return isinstance(v, (tuple, list)) and len(v) > 0 and not any(
+        isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(v))
+
+
 def local_vjp(fn, args, kwargs, cot, wrt):
     """The fallback for ops with no explicit rule: torch.func's VJP of this one op at its
     recorded inputs, for the leaves of ``(args, kwargs)`` at the flat positions ``wrt``."""
-    leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+    # a tensor-free tuple or list (a constant size, or one an earlier op returned) is one leaf,
+    # as in the traced arguments whose flat positions ``wrt`` counts
+    leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs), is_leaf=_tensor_free)
 
     def partial(*chosen):
         full = list(leaves)

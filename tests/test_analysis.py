@@ -102,7 +102,7 @@ def test_block_scope_joins_the_sites_inside_a_block_to_its_output():
 
 def test_resnet18_downsample_convs_belong_to_block_outputs_and_there_are_8_merges():
     model = torchvision.models.resnet18(num_classes=10)
-    prog = fxlra.compile(model)
+    prog = fxlra.compile(model, scope="block")
     plan = prog.plan
     assert len(plan.blocks) == 8
     assert sum(b.downsample for b in plan.blocks) == 3

@@ -162,7 +162,7 @@ def test_family(family):
 
 def test_resnet18_has_eight_residual_blocks_and_one_rule_per_parameter():
     model = build("resnet18")
-    prog = fxlra.compile(model, wiring="residual")
+    prog = fxlra.compile(model, wiring="residual", scope="block")
     plan = prog.plan
     assert len(plan.blocks) == 8
     assert sum(b.downsample for b in plan.blocks) == 3      # layer2/3/4 open with a 1x1 shortcut
@@ -178,7 +178,7 @@ def test_resnet18_has_eight_residual_blocks_and_one_rule_per_parameter():
     root = plan.outputs[0]
     for b in plan.blocks:
         assert plan.parents(b.output) == (root,)
-    assert fxlra.compile(build("resnet18"), wiring="residual").plan == plan
+    assert fxlra.compile(build("resnet18"), wiring="residual", scope="block").plan == plan
 
 
 # -- regressions found by the family tests (minimal models of the failing pieces) -----------------

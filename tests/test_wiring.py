@@ -128,7 +128,7 @@ def _block(site):
 
 
 def test_residual_resnet18_block_scope_feeds_every_block_output_from_the_output(resnet):
-    prog = fxlra.compile(resnet, wiring="residual")            # scope="block"
+    prog = fxlra.compile(resnet, wiring="residual", scope="block")
     root = prog.sites[-1]
     blocks = [b.output for b in prog.plan.blocks]
     assert len(blocks) == 8 and prog.sites == (prog.plan.blocks[0].input, *blocks, root)

@@ -54,7 +54,9 @@ MODELS = {name: kw for family in FAMILIES.values() for name, kw in family.items(
 # models fxlra refuses, with the words of the fix its error must name
 REFUSED = {
     # pooled attention folds the heads into the batch axis (B * heads, C, H, W) before its
-    # pooling convolutions, so a site there would have no per-sample layout
+    # pooling convolutions, so a site there would have no per-sample layout (with
+    # scope="stage", where that site joins its stage: its relative-position function, a timm
+    # leaf, writes into its input in place, which no local VJP can differentiate)
     "mvitv2_tiny": "leaf_modules",
 }
 
