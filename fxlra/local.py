@@ -301,8 +301,11 @@ def _cotangent_like(out, cot):
     """A cotangent for ``out``; tuple-valued ops carry theirs as {index: cotangent}, nested as
     deep as the tuples are (an LSTM's ``(output, (h, c))``); an unreached part gets zeros."""
     if isinstance(out, (tuple, list)):
-        cot = cot if isinstance(cot, dict) else {}
-        return tuple(_cotangent_like(o, cot[k]) if k in cot else _zeros_like(o)
+        parts = {}          # by position: spx[-1] and spx[1] of a pair are the same part
+        for k, c in (cot.items() if isinstance(cot, dict) else ()):
+            k = k % len(out)
+            parts[k] = add_cotangents(parts[k], c) if k in parts else c
+        return tuple(_cotangent_like(o, parts[k]) if k in parts else _zeros_like(o)
                      for k, o in enumerate(out))
     return cot
 

@@ -636,3 +636,37 @@ def test_no_site_sits_on_attentions_permuted_qkv(scope):
     updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
     for n in ref:
         torch.testing.assert_close(updates[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+class NegativeIndex(nn.Module):
+    """``parts[-1]`` of a chunk inside a residual block, as timm's SplitTransposeBlock takes its
+    last split: with scope="block" the block's error is carried back through the chunk."""
+
+    def __init__(self, last=-1):
+        super().__init__()
+        self.last, self.fc0, self.fc1 = last, nn.Linear(4, 6), nn.Linear(6, 6)
+        self.fc2, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc0(x))
+        parts = torch.tanh(self.fc1(h)).chunk(2, dim=1)
+        h = h + self.fc2(torch.cat([parts[0], parts[self.last]], 1))
+        return self.head(torch.tanh(h))
+
+
+def test_a_negative_index_into_a_tuple_carries_its_error():
+    """The generated program keyed the cotangent of parts[-1] by -1 and then looked for
+    position 1, so that part's error was dropped (edgenext under scope="stage"); the updates
+    equal the reference's and those of the same model written with parts[1]."""
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    negative, positive = NegativeIndex(), NegativeIndex(last=1)
+    positive.load_state_dict(negative.state_dict())
+    torch.manual_seed(1)
+    prog = fxlra.compile(negative, example_inputs=x)
+    torch.manual_seed(1)
+    same = fxlra.compile(positive, example_inputs=x).updates(x, y)
+    updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
+    assert "chunk" in next(s for s in prog.plan.sites if "fc1" in s.ops).region
+    for n in ref:
+        torch.testing.assert_close(updates[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(updates[n], same[n], rtol=1e-5, atol=1e-6, msg=n)
