@@ -6,7 +6,8 @@ from .errors import (CheckpointError, DataError, FxlraError, InputError, Numeric
                      PlanError, TraceError, UnsupportedError, WiringError)
 from .ops import register_activation
 from .plan import Plan
-from .program import Program, StepResult, compile
+from .compiler import compile
+from .program import Program, StepResult
 
 __all__ = ["compile", "save", "load", "seed_everything", "Program", "StepResult", "Plan",
            "wiring", "register_activation", "CheckpointError", "DataError", "FxlraError", "InputError",

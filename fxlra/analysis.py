@@ -13,7 +13,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from . import ops, passes, scope as scopes, shapes
+from . import ops, params, passes, scope as scopes, shapes
 from .errors import PlanError
 from .plan import Block, Layout, ParamRule, Site, stages_of
 
@@ -46,109 +46,6 @@ def _carries_no_error(node):
     meta = shapes.tensor_meta(node)
     return ops.ignores_input_values(node) or \
         (meta is not None and not (meta.dtype.is_floating_point or meta.dtype.is_complex))
-
-
-# -- parametrised ops -----------------------------------------------------------------------------
-SHARED_PARAMS = ("sum", "refuse")
-
-# attributes and methods that read a tensor's metadata, not its values: no use of a parameter
-_METADATA = frozenset(("dtype", "device", "shape", "ndim", "is_cuda", "requires_grad", "layout",
-                       "size", "dim", "numel", "is_floating_point", "is_contiguous", "get_device",
-                       "element_size"))
-
-
-def _reads_metadata(node):
-    if node.op == "call_method":
-        return node.target in _METADATA
-    return node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA
-
-
-def canonical_names(model):
-    """Every name of each trainable tensor -> the name ``named_parameters()`` gives it (the first
-    one): tied weights (an embedding and an output layer) are one parameter."""
-    first, names = {}, {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.requires_grad:
-            names[name] = first.setdefault(id(p), name)
-    return names
-
-
-def _param_uses(gm, modules, names):
-    """Each trainable parameter's using nodes, and each node's parameters (forward order), by
-    canonical name; reading a parameter's dtype or shape is no use."""
-    op_params, used_by = {}, {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            found = [names.get(f"{node.target}.{n}") for n, _ in
-                     modules[node.target].named_parameters(remove_duplicate=False)]
-        elif node.op in ("call_function", "call_method") and not _reads_metadata(node):
-            found = [names.get(a.target) for a in node.all_input_nodes if a.op == "get_attr"]
-        else:
-            continue
-        found = list(dict.fromkeys(n for n in found if n is not None))
-        for name in found:
-            used_by.setdefault(name, []).append(node)
-        if found:
-            op_params[node] = found
-    return op_params, used_by
-
-
-def multi_op_modules(gm, model):
-    """Modules whose own forward uses one of their parameters in several traced ops (a
-    weight-standardised convolution: reshape, mean, var, conv): fxlra traces them again as one
-    leaf op, whose update is its weight-gradient at its recorded input."""
-    modules = dict(gm.named_modules())
-    _, used_by = _param_uses(gm, modules, canonical_names(model))
-    return sorted({name.rsplit(".", 1)[0] for name, users in used_by.items()
-                   if len(users) > 1 and "." in name and
-                   all(u.op != "call_module" for u in users)})
-
-
-def _local_key(node, name, modules, model):
-    """How ``node`` reads parameter ``name``: its module's own attribute name, or the target of
-    the get_attr node it takes (tied tensors: the name of this use)."""
-    if node.op == "call_module":
-        p = model.get_parameter(name)
-        return next(k for k, q in modules[node.target].named_parameters(remove_duplicate=False)
-                    if q is p)
-    names = canonical_names(model)
-    return next(a.target for a in node.all_input_nodes
-                if a.op == "get_attr" and names.get(a.target) == name)
-
-
-def find_param_ops(gm, modules, model, shared_params="sum"):
-    """Map each node that uses trainable parameters to their (canonical) qualified names. A
-    parameter used by several ops (a shared module, tied weights) gets a rule at each use, and
-    its updates are summed, unless ``shared_params="refuse"``."""
-    names = canonical_names(model)
-    trainable = set(names.values())
-    if not trainable:
-        frozen = sum(1 for _ in model.parameters())
-        raise PlanError(f"{type(model).__name__} has no trainable parameter "
-                        f"({f'all {frozen} are frozen' if frozen else 'it has none'}); rec-LRA "
-                        "has nothing to update. Unfreeze the parameters to train "
-                        "(requires_grad_(True))")
-    op_params, nodes_of = _param_uses(gm, modules, names)
-    used_by = {p: [n.name for n in users] for p, users in nodes_of.items()}
-    shared = {p: users for p, users in used_by.items() if len(users) > 1}
-    aliases = sorted(n for n, c in names.items() if n != c)
-    if shared_params == "refuse" and (shared or aliases):
-        p = next(iter(shared)) if shared else names[aliases[0]]
-        users = used_by[p]
-        also = [n for n in aliases if names[n] == p]
-        tied = f" (also named {' and '.join(also)}: one tied tensor)" if also else ""
-        what = f"parameter {p}{tied} is used by {len(users)} op{'s' * (len(users) > 1)} " \
-               f"({', '.join(users)})"
-        raise PlanError(f"{what}, and shared_params='refuse' asks for one site's error per "
-                        "parameter. Give each use its own module or parameter, freeze it with "
-                        "requires_grad_(False), or pass shared_params='sum' to sum the updates "
-                        "of its uses (as backprop sums their gradients)")
-    unused = sorted(trainable - set(used_by))
-    if unused:
-        raise PlanError(f"parameter {unused[0]} reaches no error site (it is not used by the "
-                        f"traced forward{'; also ' + ', '.join(unused[1:4]) if unused[1:] else ''})"
-                        ". Remove it, or freeze it with requires_grad_(False)")
-    return op_params
 
 
 # -- sites ----------------------------------------------------------------------------------------
@@ -270,7 +167,7 @@ def _fan_out_error(node, pending):
                      f"tensor")
 
 
-def _nearest_tensor(node, pending, modules=None):
+def _nearest_tensor(node, pending, modules):
     """The node itself if it is one batch-first tensor; else (a tuple from chunk, split or
     attention; a value whose batch axis moved, as attention's permuted q, k, v) the nearest
     such tensors with unresolved errors that feed it, where an identity site can sit. Above a
@@ -290,7 +187,7 @@ def _nearest_tensor(node, pending, modules=None):
 def _above_reshapes(node, pending, modules):
     """The value a chain of reshapes, permutes and transposes started from (``node`` itself
     when it is not such an op)."""
-    while modules is not None and ops.is_layout_op(node, modules):
+    while ops.is_layout_op(node, modules):
         inputs = [a for a in node.all_input_nodes if pending.get(a)]
         if len(inputs) != 1 or shapes.shape_of(inputs[0]) is None:
             break
@@ -469,7 +366,8 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer",
     shapes.propagate_shapes(gm, example_inputs)
     passes.unpack_tuple_arguments(passes.fields_to_indices(gm))
     output_nodes(gm)                      # what the model returns is checked first
-    op_params = find_param_ops(gm, modules, model, shared_params)
+    op_params = params.find_param_ops(gm, modules, model, shared_params)
+    canonical = params.canonical_names(model)
     nodes = list(gm.graph.nodes)
     site_nodes, outputs, pending = find_sites(gm, modules, op_params)
     owner = _regions(nodes, site_nodes, pending)
@@ -486,7 +384,7 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer",
         if site is None:
             raise PlanError(f"parameter {names[0]} (op {node.name}) reaches no error site")
         rules += [ParamRule(p, node.name, ops.rule_name(node, modules), site.name,
-                            _local_key(node, p, modules, model)) for p in names]
+                            params.local_key(node, p, modules, model, canonical)) for p in names]
     model_order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     rules.sort(key=lambda r: model_order[r.param])
 

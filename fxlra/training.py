@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 from . import checkpoint, distributed as fdist, metrics
 from .flags import compile_options, parse, parser  # noqa: F401 (the scripts' entry points)
 from .errors import NumericalError
-from .program import compile as compile_program
+from .compiler import compile as compile_program
 from .rules import reproject_all
 
 ALGOS = {"reclra": "rec-LRA", "bp": "backprop"}
