@@ -13,10 +13,10 @@ autocast. Top-1 and top-5 accuracy are reported every epoch.
 
 The defaults are what trains (fxlra.compile's defaults, and the hyperparameters with which
 benchmarks/learning.py trained ResNet-18 on the embedded digits: Adam lr 1e-3, batch 32 per
-process, hebbian-z error synapses, beta 0.1, residual wiring). ``--preset paper`` switches to the
-paper's per-layer rule and its ImageNet hyperparameters (AdamW lr 1e-4, batch 10, hebbian-d error
-synapses drawn from a unit Gaussian, beta 0.1205, gamma 0.1524, alpha 0.19 at error-graph depth 1
-and 0.24 at depth 2); any flag given still wins. Forward weights keep
+process, error synapses fitted by the bootstrap rule, beta 0.1, residual wiring). ``--preset
+paper`` switches to the paper's per-layer rule and its ImageNet hyperparameters (AdamW lr 1e-4,
+batch 10, hebbian-d error synapses drawn from a unit Gaussian, beta 0.1205, gamma 0.1524, alpha
+0.19 at error-graph depth 1 and 0.24 at depth 2); any flag given still wins. Forward weights keep
 PyTorch's initialisation (the paper drew them from a unit Gaussian as well). Results go to
 --output-dir (metrics.csv/json, curves.png, checkpoints, diagnostics.jsonl).
 """
@@ -37,7 +37,7 @@ MODELS = {  # name -> (factory(args, classes), extra fxlra.compile keywords)
                   dict(leaf_modules=LEAF_MODULES)),
 }
 DEFAULTS = dict(algo="reclra", epochs=100, batch_size=32, optimizer="adam", lr=1e-3,
-                weight_decay=0.0, wiring="residual", error_rule="hebbian-z", beta=0.1, gamma=1.0,
+                weight_decay=0.0, wiring="residual", error_rule="bootstrap", beta=0.1, gamma=1.0,
                 alpha=[1.0], clip=1.0, error_init_std=0.05, workers=16, print_freq=100,
                 output_dir="runs/imagenet")
 PAPER_VALUES = dict(batch_size=10, optimizer="adamw", lr=1e-4, weight_decay=0.01,

@@ -353,7 +353,7 @@ def _check_batch_axes(sites, by_name, outputs):
                 "merged with another axis, as attention heads or windows folded into it); an "
                 "error synapse maps each sample's error onto one sample's values. Fix: make "
                 "the module that computes it a leaf (leaf_modules=[...]), or compile with "
-                "scope='block' so that the site joins its residual block's output")
+                "scope='block' or 'stage' so that the site joins its residual block's output")
 
 
 # -- entry point ----------------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer",
     blocks = find_blocks(nodes, g, site_names, order, owner, op_params, from_input)
     if scope in ("block", "stage"):
         node_order = {n.name: k for k, n in enumerate(nodes)}
-        units = blocks if scope == "block" else stages_of(blocks)
+        units = blocks if scope == "block" else stages_of(blocks, scopes.STAGE_BLOCKS)
         derived = {n.name for n, yes in from_input.items()
                    if yes and n.op != "placeholder" and shapes.tensor_valued(n)}
         sites, rules, blocks = scopes.join_blocks(g, tuple(sites), tuple(rules), units,

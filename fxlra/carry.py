@@ -1,15 +1,16 @@
 """How a site's error is carried back through the ops of its region that have no parameter
 rule of their own: the reshapes, pooling, means and transpositions, the normalisation layers'
-input-VJPs (norm_error="vjp") and the pseudo-convolution's. Each table maps an op kind to a
-function ``carry(call, x, c) -> c_x``; an op kind missing from them falls back to torch.func on
-that one op (``fxlra.local.local_vjp``).
+input-VJPs (norm_error="vjp"), the pseudo-convolution's and the locally connected layer's
+(error_rule="bootstrap" carries errors into the layers that read a site). Each table maps an
+op kind to a function ``carry(call, x, c) -> c_x``; an op kind missing from them falls back to
+torch.func on that one op (``fxlra.local.local_vjp``).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .local import batchnorm_grads
-from .nn import PerturbativeConv2d
+from .nn import LocallyConnected2d, PerturbativeConv2d
 
 aten = torch.ops.aten
 
@@ -22,20 +23,20 @@ def _max_pool2d(call, x, c):
     m = call.module
     _, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
     pair = nn.modules.utils._pair
-    return aten.max_pool2d_with_indices_backward(c, x, pair(m.kernel_size), pair(m.stride),
-                                                 pair(m.padding), pair(m.dilation), m.ceil_mode,
-                                                 idx)
+    return aten.max_pool2d_with_indices_backward(c.to(x.dtype), x, pair(m.kernel_size),
+                                                 pair(m.stride), pair(m.padding),
+                                                 pair(m.dilation), m.ceil_mode, idx)
 
 
 def _avg_pool2d(call, x, c):
     m, pair = call.module, nn.modules.utils._pair
-    return aten.avg_pool2d_backward(c, x, pair(m.kernel_size), pair(m.stride or m.kernel_size),
-                                    pair(m.padding), m.ceil_mode, m.count_include_pad,
-                                    m.divisor_override)
+    return aten.avg_pool2d_backward(c.to(x.dtype), x, pair(m.kernel_size),
+                                    pair(m.stride or m.kernel_size), pair(m.padding),
+                                    m.ceil_mode, m.count_include_pad, m.divisor_override)
 
 
 def _adaptive_avg_pool2d(call, x, c):
-    return aten._adaptive_avg_pool2d_backward(c, x)
+    return aten._adaptive_avg_pool2d_backward(c.to(x.dtype), x)
 
 
 def _mean(call, x, c):
@@ -82,6 +83,16 @@ def _perturbative_input(call, x, c):
                                     None)
 
 
+def _locally_connected_input(call, x, c):
+    """fxlra.nn.LocallyConnected2d's input-VJP: each position's weights transposed, then the
+    unfold folded back."""
+    m = call.module
+    c = c.reshape(c.shape[0], m.out_channels, -1).to(m.weight.dtype)
+    cols = torch.einsum("bol,lok->bkl", c, m.weight)
+    return F.fold(cols.to(x.dtype), x.shape[-2:], m.kernel_size, padding=m.padding,
+                  stride=m.stride)
+
+
 # -- normalisation layers' input-VJPs (norm_error="vjp"), with the statistics the forward used -----
 def _batchnorm_input(call, x, c):
     return batchnorm_grads(call.module, x, c, with_input=True)["input"]
@@ -121,7 +132,8 @@ CARRY_MODULES = {nn.Flatten: _reshape_back, nn.MaxPool2d: _max_pool2d,
                  nn.GroupNorm: _groupnorm_input,
                  nn.modules.instancenorm._InstanceNorm: _module_input_vjp,
                  nn.RMSNorm: _module_input_vjp, nn.LocalResponseNorm: _module_input_vjp,
-                 PerturbativeConv2d: _perturbative_input}
+                 PerturbativeConv2d: _perturbative_input,
+                 LocallyConnected2d: _locally_connected_input}
 CARRY_FUNCTIONS = {torch.flatten: _reshape_back, torch.reshape: _reshape_back,
                    torch.mean: _mean, torch.permute: _permute, torch.transpose: _transpose}
 CARRY_METHODS = {"flatten": _reshape_back, "view": _reshape_back, "reshape": _reshape_back,

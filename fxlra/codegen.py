@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from . import local, rules, streams, synapses as syn
+from . import bootstrap, local, rules, streams, synapses as syn
 from .codegen_updates import UpdateStage
 from .nn import PerturbativeConv2d
 from .source import Source
@@ -54,6 +54,11 @@ class Generator(UpdateStage):
         self._error_sq = {}              # site -> per-sample sum(e^2) from the fused kernel
         self._input_vjp = {}             # op -> its grads, which hold its input-VJP too
         self._region_of = {n: s for s in plan.sites for n in s.region}
+        # error_rule="bootstrap": the sites whose carried-back error c_i the synapses fit
+        self._boundary, self._free = bootstrap.boundary(gm, plan) \
+            if options["error_rule"] == "bootstrap" else (set(), ())
+        self._bootstrapped = set()       # sites whose boot_ sum is defined
+        self._here = (set(), 1.0)        # (region, scale on c) of the carry being generated
         if self.place:
             self.env["DEVICES"] = list(options["devices"])
 

@@ -8,7 +8,7 @@ import operator
 import torch
 from torch import fx
 
-from . import carry, local, ops, rules, shapes
+from . import bootstrap, carry, local, ops, rules, shapes
 
 # rules whose weight-gradient fxlra.kernels computes in one fused Triton kernel (same signature)
 KERNEL_GRADS = ("perturbative",)
@@ -23,6 +23,7 @@ class UpdateStage:
             start = len(self.update_names)
             self._site_updates(site)
             self._ready(start)
+        self._bootstrap_free()
         start = len(self.update_names)
         self._synapse_updates()
         if self.update_names[start:]:
@@ -54,6 +55,8 @@ class UpdateStage:
 
     def _site_updates(self, site):
         region = set(site.region)
+        # the region the carry below stays in, and the factor on what it leaves it with
+        self._here = (region, bootstrap.scale(site.name in self.plan.outputs, self.o["beta"]))
         self.src.comment(f"site {site.name}: local updates of {', '.join(site.ops) or 'nothing'}")
         err = self._on(f"err_{site.name}", 0, self._dev(site.name))    # updates run at home
         cot = {site.name: err}
@@ -79,6 +82,9 @@ class UpdateStage:
             self._carry(node, c, region, defined)
 
     def _cot(self, name, expr, defined, uses):
+        if name in self._boundary and name not in self._here[0]:
+            self._bootstrap_part(name, expr, uses)
+            return
         if name in defined and expr.startswith("{"):     # parts of a tuple-valued op's output
             self.src.add(f"cot_{name} = local.add_cotangents(cot_{name}, {expr})",
                          [f"cot_{name}"], uses + [f"cot_{name}"])
@@ -91,7 +97,33 @@ class UpdateStage:
             if expr.isidentifier():                      # a plain alias of another error value
                 self._alias[f"cot_{name}"] = self._alias.get(expr, expr)
 
+    def _bootstrap_free(self):
+        """error_rule="bootstrap": carry the collected c on through the ops no site owns
+        (pooling, flattening between sites), last op first, to the child sites."""
+        if not any(n in self._bootstrapped for n in self._free):
+            return
+        self.src.begin("bootstrap")
+        self._here = (set(), 1.0)                       # c is scaled already
+        for name in self._free:
+            if name in self._bootstrapped:
+                self._carry(self.nodes[name], f"boot_{name}", set(), set())
+
+    def _bootstrap_part(self, name, expr, uses):
+        """Add this site's error, carried back to the value ``name`` that its region reads
+        (a child site or an op no site owns), into c_name (error_rule="bootstrap")."""
+        if expr.startswith("{"):                         # a tuple part: not a site's value
+            return
+        scale = self._here[1]
+        part = expr if scale == 1.0 else f"{scale!r} * {expr}"
+        target = f"boot_{name}"
+        if name in self._bootstrapped:
+            self.src.add(f"{target} = {target} + {part}", [target], uses + [target])
+        else:
+            self.src.add(f"{target} = {part}", [target], uses)
+            self._bootstrapped.add(name)
+
     def _carry(self, node, c, region, defined):
+        region = region | (self._boundary - region)      # bootstrap: on to the sites read
         inputs = [a for a in node.all_input_nodes if a.name in region]
         if not inputs:
             return
@@ -217,7 +249,8 @@ class UpdateStage:
             wanted = fn in (local.conv_grads, local.linear_grads) and \
                 local.fuses_input_vjp(self.modules[node.target])
         site = self._region_of.get(node.name)
-        return wanted and site is not None and node.args[0].name in site.region
+        return wanted and site is not None and (node.args[0].name in site.region or
+                                                node.args[0].name in self._boundary)
 
     def _rule(self, node):
         return next(r.rule for r in self.plan.params if r.op == node.name)
@@ -230,6 +263,10 @@ class UpdateStage:
             k = self._dev(i)                                  # on the child's device
             if which == "d":
                 c, uses = f"disp_{i}", [f"disp_{i}"]
+            elif which == "bootstrap":      # least squares: d_i towards the carried-back error
+                boot = self._on(f"boot_{i}", k, 0) if i in self._bootstrapped else None
+                c, uses = (f"disp_{i} - {boot}", [f"disp_{i}", boot]) if boot else \
+                    (f"disp_{i}", [f"disp_{i}"])
             elif which == "z":
                 z = self._on(i, k, 0)
                 c, uses = z, [z]

@@ -57,7 +57,7 @@ def _build_edges(plan_sites, graph, overrides, std, gm=None, map_synapse="spatia
 
 
 def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1, gamma=1.0,
-            alpha=1.0, kappa=1.0, error_rule="hebbian-z", local_rule="hebbian", clip=1.0,
+            alpha=1.0, kappa=1.0, error_rule=None, local_rule="hebbian", clip=1.0,
             error_init_std=0.05, synapses=None, leaf_modules=(), concrete_args=None,
             example_inputs=None, nonfinite="raise", max_skips=10, kernels="auto", devices=None,
             streams="auto", cuda_graph=False, preset=None, scope=None, norm_error=None,
@@ -66,10 +66,12 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
 
     See the README for every option and the paper's value of each in each experiment.
     """
+    chosen = presets.resolve(preset, scope=scope, norm_error=norm_error, map_synapse=map_synapse,
+                             error_rule=error_rule)
+    scope, norm_error, map_synapse, error_rule = (chosen[k] for k in (
+        "scope", "norm_error", "map_synapse", "error_rule"))
     rules.check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
                         error_init_std)
-    chosen = presets.resolve(preset, scope=scope, norm_error=norm_error, map_synapse=map_synapse)
-    scope, norm_error, map_synapse = chosen["scope"], chosen["norm_error"], chosen["map_synapse"]
     rules.check_choice("norm_error", norm_error, ops.NORM_ERRORS)
     rules.check_choice("map_synapse", map_synapse, syn.MAP_SYNAPSES)
     rules.check_choice("scope", scope, scope_mod.SCOPES)

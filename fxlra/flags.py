@@ -9,7 +9,7 @@ from . import wiring as wiring_mod
 WIRINGS = {"direct": "direct", "pairwise": "pairwise", "residual": "residual",
            "blocks2": wiring_mod.blocks(2), "blocks3": wiring_mod.blocks(3),
            "skip2": wiring_mod.skip(2), "skip3": wiring_mod.skip(3)}
-ERROR_RULES = ("hebbian-z", "hebbian-d", "derived")
+ERROR_RULES = ("hebbian-z", "hebbian-d", "derived", "bootstrap")
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 
 # -- flags ----------------------------------------------------------------------------------------

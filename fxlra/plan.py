@@ -58,12 +58,13 @@ class Block:
     downsample: bool
 
 
-def stages_of(blocks):
+def stages_of(blocks, most=None):
     """Residual blocks grouped into stages (a stage starts at a block with a downsample
-    shortcut), each stage as one Block from its first block's input to its last one's output."""
+    shortcut, or after ``most`` blocks), each stage as one Block from its first block's input
+    to its last one's output."""
     groups = []
     for b in blocks:
-        if not groups or b.downsample:
+        if not groups or b.downsample or (most is not None and len(groups[-1]) == most):
             groups.append([])
         groups[-1].append(b)
     return tuple(Block(g[-1].output, g[0].input, g[0].downsample) for g in groups)
@@ -223,7 +224,7 @@ class Plan:
                          f" depth {depth[s.name]}  error from: {parents}")
             if s.crosses:
                 lines.append(f"  {'':<24} block-local VJP: its error crosses {', '.join(s.crosses)}"
-                             " inside the block (scope='block')")
+                             " inside its block or stage (scope='block' or 'stage')")
         if self.blocks:
             lines.append("residual blocks (merge -> output site, fed by, shortcut):")
             for b in self.blocks:

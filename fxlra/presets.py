@@ -1,8 +1,13 @@
 """Named sets of the options that decide how rec-LRA meets a CNN: fxlra's defaults, measured to
 train (benchmarks/learning.py), and the paper's own mechanisms, one switch away.
 
-    scope        "block": the sites inside a residual block join its output site (the paper's
-                 hybrid, Section 3); "layer": every activation is a site (the per-layer rule)
+    scope        "stage": the sites inside a stage of residual blocks (at most two, split at
+                 every downsampling block) join its output site; "block": the same per residual
+                 block (the paper's hybrid, Section 3); "layer": every activation is a site
+                 (the per-layer rule)
+    error_rule   "bootstrap": each error synapse is fitted to the error of the sites that read
+                 its child, carried back by their local VJP (fxlra/bootstrap.py); "hebbian-z":
+                 +gamma z_i e_j^T (the paper's rule for its MNIST models)
     norm_error   "vjp": a normalisation layer carries the error by its input-VJP with the
                  statistics the forward used; "pass": unchanged (the paper)
     map_synapse  "spatial": the error synapse from a vector error to a feature map is dense to
@@ -12,8 +17,10 @@ train (benchmarks/learning.py), and the paper's own mechanisms, one switch away.
 from .errors import OptionError
 
 PRESETS = {
-    "fxlra": {"scope": "block", "norm_error": "vjp", "map_synapse": "spatial"},
-    "paper": {"scope": "layer", "norm_error": "pass", "map_synapse": "broadcast"},
+    "fxlra": {"scope": "stage", "norm_error": "vjp", "map_synapse": "spatial",
+              "error_rule": "bootstrap"},
+    "paper": {"scope": "layer", "norm_error": "pass", "map_synapse": "broadcast",
+              "error_rule": "hebbian-z"},
 }
 
 

@@ -120,13 +120,20 @@ class Program(nn.Module):
         if carried:
             lines.append(f"Errors are carried back through {', '.join(carried)} by that op's own "
                          "local VJP (torch.func; fxlra has no explicit rule for it).")
+        if self.options["error_rule"] == "bootstrap" and self.plan.edges:
+            lines.append("error_rule='bootstrap': each error synapse is fitted (least squares) to "
+                         "the error of the sites that read its child site, carried back to the "
+                         "child by those sites' own local VJP; that carried error trains the "
+                         "synapse only and updates no parameter of the model.")
         if crossed:
-            lines.append("scope='block' (the paper's hybrid): the parameters marked 'block-local "
-                         "VJP' are updated by the local VJP of their residual block, from the block "
-                         "output's error, through the activations "
+            unit = "stage of at most two residual blocks" if self.options["scope"] == "stage" \
+                else "residual block"
+            lines.append(f"scope={self.options['scope']!r} (the paper's hybrid): the parameters "
+                         f"marked 'block-local VJP' are updated by the local VJP of their {unit}, "
+                         "from its output's error, through the activations "
                          f"{', '.join(a for c in crossed.values() for a in c)} inside it (backprop "
-                         "within one block; no error crosses a block boundary except through an "
-                         "error synapse). scope='layer' gives every activation its own site.")
+                         "within one block or stage; no error crosses its boundary except through "
+                         "an error synapse). scope='layer' gives every activation its own site.")
             lines.append("No parameter is trained by backpropagation across a block boundary: "
                          "every update uses only its own site's error.")
         else:

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 from torch.func import functional_call
 
-from . import local, ops, rules, synapses as syn
+from . import bootstrap, local, ops, rules, synapses as syn
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Signals:
     targets: dict = field(default_factory=dict)         # y_i
     params: dict = field(default_factory=dict)          # qualified parameter name -> update
     synapses: dict = field(default_factory=dict)        # edge key -> {param name: update}
+    bootstrap: dict = field(default_factory=dict)       # site -> c_i (error_rule="bootstrap")
 
     @property
     def discrepancies(self):
@@ -140,11 +141,13 @@ class _Run:
             self.compute_signals(i, sig)
 
     # -- COMPUTEUPDATES ---------------------------------------------------------------------------
-    def carry(self, site, e):
+    def carry(self, site, e, boundary=()):
         """Cotangents at every node of the site's region: e at the site (times phi'(h) under
         local_rule="dx"), passed unchanged through shape-preserving ops, and through every other
-        op by that op's own local VJP."""
+        op by that op's own local VJP; also at the ``boundary`` sites (other sites' values) that
+        the region reads, for error_rule="bootstrap"."""
         region = set(site.region)
+        reach = region | (set(boundary) - region)
         start = e
         if site.kind == "activation" and self.o["local_rule"] == "dx":
             start = e * phi_prime(site, self.env, self.modules, self.nodes, self.env[site.h])
@@ -156,7 +159,7 @@ class _Run:
             if name == site.name and site.kind == "activation":
                 self._add(cot, site.h, start)
                 continue
-            for a, ca in self._input_cotangents(node, c, region, name in site.crosses):
+            for a, ca in self._input_cotangents(node, c, reach, name in site.crosses):
                 self._add(cot, a, ca)
         return cot
 
@@ -240,6 +243,8 @@ class _Run:
             i, site = edge.child, self.plan.site(edge.child)
             if which == "d":
                 c = sig.displacements[i]
+            elif which == "bootstrap":     # least squares: d_i towards the carried-back error
+                c = bootstrap.residual(sig.displacements[i], sig.bootstrap.get(i))
             elif which == "z":
                 c = self.env[i]
             else:
@@ -264,9 +269,19 @@ def compute_updates(gm, plan, synapses, x, y, options):
         sig = Signals(loss=None, outputs=outputs)
         run.compute_error_neurons(y, sig)
         batch = outputs[0].shape[0]
+        reach, free = bootstrap.boundary(gm, plan) if options["error_rule"] == "bootstrap" \
+            else ((), ())
         for site in plan.sites:
-            cot = run.carry(site, sig.errors[site.name])
+            cot = run.carry(site, sig.errors[site.name], reach)
             for name, u in run.param_updates(site, cot, batch).items():
                 sig.params[name] = sig.params.get(name, 0) + u
+            scale = bootstrap.scale(site.name in plan.outputs, options["beta"])
+            for name in set(reach) - set(site.region):
+                if isinstance(cot.get(name), torch.Tensor):
+                    run._add(sig.bootstrap, name, scale * cot[name])
+        for name in free:               # on through the ops no site owns, to a child site
+            if name in sig.bootstrap:
+                for a, ca in run._input_cotangents(run.nodes[name], sig.bootstrap[name], reach):
+                    run._add(sig.bootstrap, a, ca)
         sig.synapses = run.synapse_updates(sig, batch)
     return sig

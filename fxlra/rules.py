@@ -10,8 +10,10 @@ from .errors import InputError, OptionError
 
 LOSSES = ("cross_entropy", "mse")
 LOCAL_RULES = ("hebbian", "dx")
-# error rule -> (sign, which cotangent the synapse's weight-gradient takes)
-ERROR_RULES = {"hebbian-d": (-1.0, "d"), "hebbian-z": (1.0, "z"), "derived": (-1.0, "derived")}
+# error rule -> (sign, which cotangent the synapse's weight-gradient takes); "bootstrap": see
+# fxlra/bootstrap.py
+ERROR_RULES = {"hebbian-d": (-1.0, "d"), "hebbian-z": (1.0, "z"), "derived": (-1.0, "derived"),
+               "bootstrap": (1.0, "bootstrap")}
 OUTPUT_PHI = {"cross_entropy": "softmax", "mse": "identity"}
 
 

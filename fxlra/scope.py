@@ -9,6 +9,9 @@ import networkx as nx
 from .plan import Site
 
 SCOPES = ("layer", "block", "stage")
+# the most residual blocks one "stage" unit holds: ResNet-18's stages, one transformer layer
+# (its attention and MLP blocks); deeper stages are split, so that no unit grows with depth
+STAGE_BLOCKS = 2
 
 
 def block_members(g, sites, blocks, outputs):

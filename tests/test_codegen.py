@@ -100,7 +100,7 @@ def test_a_module_without_a_rule_uses_a_local_vjp_named_by_explain_and_code():
             return self.out(torch.relu(a).mean(1))
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     prog = fxlra.compile(Attn().double(), wiring="pairwise", error_init_std=0.5,
-                         example_inputs=x)
+                         error_rule="hebbian-z", example_inputs=x)
     assert prog.fallbacks == ("attn",)
     assert "local.module_param_vjp(m_attn" in prog.code
     assert "local VJP" in prog.explain()

@@ -592,7 +592,7 @@ def test_compile_steps_or_raises_an_fxlra_error(spec, wiring, leaf):
 @given(spec=specs(untraceable=False, heads=("logits",), modifiers=("none", "eval")),
        wiring=st.sampled_from(PRESETS),
        options=st.fixed_dictionaries({
-           "error_rule": st.sampled_from(["hebbian-z", "hebbian-d", "derived"]),
+           "error_rule": st.sampled_from(["hebbian-z", "hebbian-d", "derived", "bootstrap"]),
            "local_rule": st.sampled_from(["hebbian", "dx"]),
            "loss": st.sampled_from(["cross_entropy", "mse"])}))
 def test_traceable_models_with_plain_heads(spec, wiring, options):

@@ -37,7 +37,7 @@ def test_block_scope_subtrees_on_other_devices_give_the_same_updates():
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("error_rule", ["hebbian-z", "hebbian-d", "derived"])
+@pytest.mark.parametrize("error_rule", ["hebbian-z", "hebbian-d", "derived", "bootstrap"])
 def test_subtrees_on_other_devices_give_the_same_updates(error_rule):
     one, many = twins(["cpu", "cpu"], error_rule=error_rule, scope="layer")
     where = many.options["placement"]

@@ -359,7 +359,7 @@ options = st.fixed_dictionaries({
     "beta": st.sampled_from([0.05, 0.1, 0.5, 1.0]),
     "alpha": st.sampled_from([1.0, 0.5, {1: 0.19, 2: 0.24}]),
     "kappa": st.sampled_from([1.0, 0.5]),
-    "error_rule": st.sampled_from(["hebbian-z", "hebbian-d", "derived"]),
+    "error_rule": st.sampled_from(["hebbian-z", "hebbian-d", "derived", "bootstrap"]),
     "local_rule": st.sampled_from(["hebbian", "dx"]),
     "scope": st.sampled_from(["layer", "block", "stage"]),
     "norm_error": st.sampled_from(["vjp", "pass"]),
@@ -397,6 +397,8 @@ PAPER_OPTIONS = dict(DEFAULT_OPTIONS, scope="layer", norm_error="pass", map_syna
 @example(spec=RICH_SPECS[2], wiring=("skip", 2), opts=DEFAULT_OPTIONS)
 @example(spec=RICH_SPECS[0], wiring="residual", opts=PAPER_OPTIONS)
 @example(spec=RICH_SPECS[0], wiring="residual", opts=dict(DEFAULT_OPTIONS, scope="stage"))
+@example(spec=RICH_SPECS[0], wiring="residual", opts=dict(DEFAULT_OPTIONS, error_rule="bootstrap"))
+@example(spec=RICH_SPECS[1], wiring="pairwise", opts=dict(PAPER_OPTIONS, error_rule="bootstrap"))
 def test_presets_compile_verify_and_update(spec, wiring, opts):
     model, x, y = build(spec)
     reference = copy.deepcopy(model)            # before any forward through fxlra

@@ -114,7 +114,7 @@ def _assert_same_updates(a, b):
 # -- properties -----------------------------------------------------------------------------------
 @settings(max_examples=EXAMPLES, **SETTINGS)
 @given(spec=model_specs(), wiring=st.sampled_from(PRESETS + ["dag"]), n=st.integers(2, 5),
-       rule=st.sampled_from(["hebbian-z", "hebbian-d", "derived"]),
+       rule=st.sampled_from(["hebbian-z", "hebbian-d", "derived", "bootstrap"]),
        seed=st.integers(0, 2 ** 16), data=st.data())
 def test_schedules_are_safe_and_any_allowed_order_gives_the_one_stream_updates(spec, wiring, n,
                                                                                rule, seed, data):

@@ -192,7 +192,7 @@ def test_the_scripts_default_to_what_trains_and_keep_the_paper_one_flag_away(nam
     module = script(name)
     ours = training.parse(module.build_parser(), ["--wiring", "residual"], module.PAPER_VALUES)
     assert (ours.preset, ours.optimizer, ours.lr, ours.batch_size, ours.error_rule) == \
-        ("fxlra", "adam", 1e-3, 32, "hebbian-z")
+        ("fxlra", "adam", 1e-3, 32, "bootstrap")
     assert training.compile_options(ours)["preset"] == "fxlra"
     paper = training.parse(module.build_parser(), ["--preset", "paper", "--wiring", "residual"],
                            module.PAPER_VALUES)
