@@ -91,6 +91,9 @@ VARIANTS = {
     "hebbian-z": {"error_rule": "hebbian-z"},
     "std0": {"error_init_std": 0.0},
     "pairwise": {"wiring": "pairwise"},
+    "beta0.5": {"beta": 0.5},
+    "beta1.0": {"beta": 1.0},
+    "bootstrap-dx": {"local_rule": "dx"},
     # the earlier defaults and their ablations (hebbian-z synapses)
     "block-hebbian-z": HEBBIAN_BLOCK,
     "stage-hebbian-z": {"scope": "stage", "error_rule": "hebbian-z"},
