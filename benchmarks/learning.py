@@ -32,6 +32,7 @@ RESULTS = os.path.join(HERE, "results", "learning.json")
 QUICK_RESULTS = os.path.join(HERE, "results", "learning_quick.json")   # --quick: apart
 EPOCHS_SHOWN = (1, 3, 5)
 FIT_VARIANTS = ("default", "paper", "block-hebbian-z", "stage-hebbian-z")
+ALIGN_VARIANTS = ("default", "hebbian-z", "block-hebbian-z")
 
 
 class SmallCNN(nn.Module):
@@ -186,6 +187,70 @@ def run(model_name, variant, seed, epochs, data, lr=1e-3, batch=32):
             "final_train_loss": statistics.mean(losses[-20:])}
 
 
+def error_angles(prog, model, x, y):
+    """Degrees between each inner site's error e_i (what its parameters' updates start from)
+    and backprop's dL/dz_i at the site's value, over one batch: how well the error synapses
+    stand in for the backward pass they replace."""
+    values = {}
+    inner = [s.name for s in prog.plan.sites if s.name not in prog.plan.outputs]
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node.name in inner:
+                value.retain_grad()
+                values[node.name] = value
+            return value
+    F.cross_entropy(Record(prog.graph_module).run(x), y, reduction="sum").backward()
+    model.zero_grad(set_to_none=True)
+    errors = prog.reference_signals(x, y).errors
+    angles = {}
+    for name in inner:
+        e, g = errors[name].flatten(), values[name].grad.flatten()
+        cos = torch.dot(e, g) / (e.norm() * g.norm() + 1e-30)
+        angles[name] = math.degrees(math.acos(max(-1.0, min(1.0, cos.item()))))
+    return angles
+
+
+def align(model_name, variant, steps=(0, 125), seed=0):
+    """Each inner site's error angle (``error_angles``) on 256 training digits at the start
+    and after each of ``steps`` (125 steps of 32: one epoch), training as ``run`` does."""
+    build, shape, extra = MODELS[model_name]
+    x_train, y_train, _, _ = load_digits()
+    x_train = x_train.view(-1, *shape)
+    torch.manual_seed(seed)
+    model = build()
+    prog = fxlra.compile(model, **extra, example_inputs=(x_train[:2],), **VARIANTS[variant])
+    opt = torch.optim.Adam(prog.parameters(), lr=1e-3)
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
+    probe = (x_train[:256], y_train[:256])
+    out, done = {}, 0
+    for target in steps:
+        for k in range(done, target):
+            idx = order[(32 * k) % len(order):][:32]
+            prog.step(x_train[idx], y_train[idx])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        done = target
+        out[str(target)] = error_angles(prog, model, *probe)
+    return out
+
+
+def align_table(results):
+    """Markdown: per model and variant, each inner site's error angle at the start / after
+    one epoch."""
+    if "align" not in results:
+        return ""
+    rows = ["| model | variant | error angle to backprop's dL/dz per inner site, at the start "
+            "-> after one epoch (deg) |", "|---|---|---|"]
+    for key, by_step in results["align"].items():
+        model_name, variant = key.split("/")
+        first, last = by_step[min(by_step, key=int)], by_step[max(by_step, key=int)]
+        cells = ", ".join(f"{n} {first[n]:.0f} -> {last[n]:.0f}" for n in first)
+        rows.append(f"| {model_name} | {variant} | {cells} |")
+    return "\n".join(rows)
+
+
 def fit_batch(options, steps=100, batch=16, lr=1e-3, seed=0):
     """pResNet-18 (torchvision's ResNet-18, its 3x3 convolutions made pseudo-convolutions) on
     one fixed batch of ``batch`` digits (3 channels, 32x32), AdamW: the loss at the start and
@@ -272,6 +337,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="print the stored table only")
+    parser.add_argument("--align", action="store_true",
+                        help="only the error angles of ResNet-18 and pResNet-18 over one epoch")
     parser.add_argument("--fit", action="store_true",
                         help="only the fixed-batch fit of pResNet-18 (default and paper options)")
     args = parser.parse_args(argv)
@@ -280,8 +347,15 @@ def main(argv=None):
     if args.table:
         print(table(results))
         print(fit_table(results))
+        print(align_table(results))
         return
     torch.set_num_threads(args.threads)
+    if args.align:
+        results["align"] = {f"{m}/{v}": align(m, v) for m in ("resnet18", "presnet18")
+                            for v in ALIGN_VARIANTS}
+        _save(results, path)
+        print(align_table(results))
+        return
     if args.fit:
         results["fit"] = {v: fit_batch(VARIANTS[v]) for v in FIT_VARIANTS}
         _save(results, path)
