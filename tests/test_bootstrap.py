@@ -139,3 +139,34 @@ def test_with_beta_zero_only_the_outputs_error_reaches_c():
     updates, want = prog.updates(x, y), prog.reference_updates(x, y)
     for name in want:
         torch.testing.assert_close(updates[name], want[name], msg=name)
+
+
+def test_the_presets_choose_the_rule_and_a_given_option_wins():
+    model = models.ResNet18(4, 4, cifar=True, in_channels=1)
+    x = torch.randn(2, 1, 12, 12)
+    keys = ("scope", "norm_error", "map_synapse", "error_rule")
+    ours = fxlra.compile(model, example_inputs=(x,))
+    assert [ours.options[k] for k in keys] == ["stage", "vjp", "spatial", "bootstrap"]
+    assert "error_rule='bootstrap': each error synapse is fitted" in ours.explain()
+    assert "local VJP of their stage of at most two residual blocks" in ours.explain()
+    paper = fxlra.compile(model, preset="paper", example_inputs=(x,))
+    assert [paper.options[k] for k in keys] == ["layer", "pass", "broadcast", "hebbian-z"]
+    assert "bootstrap" not in paper.explain()
+    mixed = fxlra.compile(model, preset="paper", error_rule="bootstrap", example_inputs=(x,))
+    assert [mixed.options[k] for k in keys] == ["layer", "pass", "broadcast", "bootstrap"]
+
+
+def test_a_stage_holds_at_most_two_blocks():
+    """torchvision's ResNet-50 has stages of 3, 4, 6 and 3 blocks: under scope="stage" they
+    become units of 2+1, 2+2, 2+2+2 and 2+1 blocks; ResNet-18's four stages stay four."""
+    import torchvision
+    prog = fxlra.compile(torchvision.models.resnet50(num_classes=10), scope="stage",
+                         example_inputs=(torch.randn(2, 3, 32, 32),))
+    outputs = [s.name for s in prog.plan.sites if s.crosses]
+    assert outputs == ["layer1_1_relu_2", "layer1_2_relu_2", "layer2_1_relu_2", "layer2_3_relu_2",
+                       "layer3_1_relu_2", "layer3_3_relu_2", "layer3_5_relu_2", "layer4_1_relu_2",
+                       "layer4_2_relu_2"]
+    resnet18 = fxlra.compile(models.ResNet18(4, 4, cifar=True, in_channels=1),
+                             example_inputs=(torch.randn(2, 1, 12, 12),))
+    assert [s.name for s in resnet18.plan.sites if s.crosses] == [
+        f"layer{k}_1_relu_1" for k in (1, 2, 3, 4)]
