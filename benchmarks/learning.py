@@ -95,6 +95,8 @@ VARIANTS = {
     "beta0.5": {"beta": 0.5},
     "beta1.0": {"beta": 1.0},
     "bootstrap-dx": {"local_rule": "dx"},
+    "synapse-lr3": {"synapse_lr_scale": 3.0},
+    "synapse-lr10": {"synapse_lr_scale": 10.0},
     # the earlier defaults and their ablations (hebbian-z synapses)
     "block-hebbian-z": HEBBIAN_BLOCK,
     "stage-hebbian-z": {"scope": "stage", "error_rule": "hebbian-z"},
@@ -154,13 +156,15 @@ def run(model_name, variant, seed, epochs, data, lr=1e-3, batch=32):
     model = build()
     options = dict(VARIANTS[variant] or {})
     decay = options.pop("synapse_weight_decay", 0.0)    # not an fxlra option: the optimizer's
+    synapse_lr = lr * options.pop("synapse_lr_scale", 1.0)  # the same: the synapses' own lr
     prog = None
     if VARIANTS[variant] is not None:
         # the digits' shape, so that the error synapses' maps are the data's 28 x 28
         prog = fxlra.compile(model, **extra, example_inputs=(x_train[:2],), **options)
     groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
     if prog is not None:
-        groups.append({"params": list(prog.synapses.parameters()), "weight_decay": decay})
+        groups.append({"params": list(prog.synapses.parameters()), "weight_decay": decay,
+                       "lr": synapse_lr})
     opt = torch.optim.AdamW(groups, lr=lr)             # weight decay 0: Adam
     order = torch.Generator().manual_seed(seed)
     history, angles, losses = [], None, []
