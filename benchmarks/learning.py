@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxlra
-from fxlra import models
+from fxlra import diagnostics, models
 from fxlra.data import load_digits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -191,34 +191,9 @@ def run(model_name, variant, seed, epochs, data, lr=1e-3, batch=32):
             "final_train_loss": statistics.mean(losses[-20:])}
 
 
-def error_angles(prog, model, x, y):
-    """Degrees between each inner site's error e_i (what its parameters' updates start from)
-    and backprop's dL/dz_i at the site's value, over one batch: how well the error synapses
-    stand in for the backward pass they replace."""
-    values = {}
-    inner = [s.name for s in prog.plan.sites if s.name not in prog.plan.outputs]
-
-    class Record(torch.fx.Interpreter):
-        def run_node(self, node):
-            value = super().run_node(node)
-            if node.name in inner:
-                value.retain_grad()
-                values[node.name] = value
-            return value
-    F.cross_entropy(Record(prog.graph_module).run(x), y, reduction="sum").backward()
-    model.zero_grad(set_to_none=True)
-    errors = prog.reference_signals(x, y).errors
-    angles = {}
-    for name in inner:
-        e, g = errors[name].flatten(), values[name].grad.flatten()
-        cos = torch.dot(e, g) / (e.norm() * g.norm() + 1e-30)
-        angles[name] = math.degrees(math.acos(max(-1.0, min(1.0, cos.item()))))
-    return angles
-
-
 def align(model_name, variant, steps=(0, 125), seed=0):
-    """Each inner site's error angle (``error_angles``) on 256 training digits at the start
-    and after each of ``steps`` (125 steps of 32: one epoch), training as ``run`` does."""
+    """Each inner site's error angle (``fxlra.diagnostics.error_angles``) on 256 training
+    digits at the start and after each of ``steps`` (125 steps of 32: one epoch)."""
     build, shape, extra = MODELS[model_name]
     x_train, y_train, _, _ = load_digits()
     x_train = x_train.view(-1, *shape)
@@ -236,7 +211,7 @@ def align(model_name, variant, steps=(0, 125), seed=0):
             opt.step()
             opt.zero_grad(set_to_none=True)
         done = target
-        out[str(target)] = error_angles(prog, model, *probe)
+        out[str(target)] = diagnostics.error_angles(prog, *probe)
     return out
 
 

@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--wiring", choices=sorted(WIRINGS), default="direct")
-    p.add_argument("--error-rule", choices=["hebbian-z", "hebbian-d", "derived"],
+    p.add_argument("--error-rule", choices=list(fxlra.rules.ERROR_RULES),
                    default="hebbian-z")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-4)

@@ -30,7 +30,7 @@ class SiteGraph:
     members: dict = None     # inner site -> the output site of the residual block it lies in
 
 
-def _from_input(nodes):
+def input_derived(nodes):
     """Nodes whose value depends on the model's input (only those can hold error neurons); a
     tensor made by an op that ignores its input's values (a random mask) does not."""
     found = {}
@@ -198,7 +198,7 @@ def _above_reshapes(node, pending, modules):
 def find_sites(gm, modules, op_params):
     nodes = list(gm.graph.nodes)
     outputs = output_nodes(gm)
-    from_input = _from_input(nodes)
+    from_input = input_derived(nodes)
     identity = set()
     while True:
         sites, pending = _sweep(nodes, modules, op_params, identity, set(outputs), from_input)
@@ -391,7 +391,7 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer",
     g = _node_graph(nodes)
     site_names = {s.name for s in sites}
     order = {s.name: i for i, s in enumerate(sites)}
-    from_input = _from_input(nodes)
+    from_input = input_derived(nodes)
     blocks = find_blocks(nodes, g, site_names, order, owner, op_params, from_input)
     if scope in ("block", "stage"):
         node_order = {n.name: k for k, n in enumerate(nodes)}

@@ -5,7 +5,7 @@ layers). c_i uses only the reading sites' own weights, so no error crosses a sit
 except through a synapse; the synapse learns the map that its edge stands in for.
 """
 
-from . import ops, shapes
+from . import analysis, shapes
 
 
 def boundary(gm, plan):
@@ -14,17 +14,12 @@ def boundary(gm, plan):
     flattening between sites; not a random mask), through which c travels on to a child
     site. Returns (those names, the unowned ones last op first)."""
     owned = {n for s in plan.sites for n in s.region}
-    free, derived = set(), set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            derived.add(node.name)
-        elif node.op in ("call_function", "call_method", "call_module") and \
-                not ops.ignores_input_values(node) and \
-                any(a.name in derived for a in node.all_input_nodes):
-            derived.add(node.name)
-            meta = shapes.tensor_meta(node)
-            if node.name not in owned and meta is not None and meta.dtype.is_floating_point:
-                free.add(node.name)
+    free = set()
+    for node, derived in analysis.input_derived(list(gm.graph.nodes)).items():
+        meta = shapes.tensor_meta(node)
+        if derived and node.op.startswith("call_") and node.name not in owned and \
+                meta is not None and meta.dtype.is_floating_point:
+            free.add(node.name)
     return {e.child for e in plan.edges} | free, tuple(
         n.name for n in reversed(gm.graph.nodes) if n.name in free)
 

@@ -123,7 +123,7 @@ class UpdateStage:
             self._bootstrapped.add(name)
 
     def _carry(self, node, c, region, defined):
-        region = region | (self._boundary - region)      # bootstrap: on to the sites read
+        region = region | self._boundary                 # bootstrap: on to the sites read
         inputs = [a for a in node.all_input_nodes if a.name in region]
         if not inputs:
             return

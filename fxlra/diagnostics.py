@@ -93,15 +93,16 @@ def _unchanged(prog):
 
 
 # -- rec-LRA against backprop ---------------------------------------------------------------------
-def _backprop(prog, x, y, names):
+def _backprop(prog, x, y, names, values=()):
     """Backprop's gradient of the summed output losses for the parameters ``names`` (keyed like
-    ``prog.named_parameters()``), and the primary output's loss. Writes no ``.grad``."""
+    ``prog.named_parameters()``) and at the values of the nodes ``values``, and the primary
+    output's loss. Writes no ``.grad``."""
     params = dict(prog.named_parameters())
-    leaves = [params[n] for n in names]
     nodes = {n.name: n for n in prog.graph_module.graph.nodes}
     interp = fx.Interpreter(prog.graph_module, garbage_collect_values=False)
     with torch.enable_grad():
         interp.run(x)
+        leaves = [params[n] for n in names] + [interp.env[nodes[v]] for v in values]
         losses = []
         for site in prog.plan.outputs:
             v = interp.env[nodes[site]]
@@ -109,7 +110,7 @@ def _backprop(prog, x, y, names):
                                              prog.options["loss"])[1])
         grads = torch.autograd.grad(sum(losses), leaves, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
-    return dict(zip(names, grads)), losses[0].detach()
+    return dict(zip(list(names) + list(values), grads)), losses[0].detach()
 
 
 def _compare(prog, x, y):
@@ -149,6 +150,18 @@ def site_angles(prog, x, y):
     and their gradients}, in forward order; sites that own no trained parameter are left out."""
     updates, grads, _ = _compare(prog, x, y)
     return _per_site(prog, updates, grads)
+
+
+def error_angles(prog, x, y):
+    """{inner site: angle in degrees between its error e_i, which its parameters' updates start
+    from, and backprop's gradient of the loss at the site's value}: how well the error synapses
+    stand in for the backward pass they replace (90 for a random synapse)."""
+    inner = [s for s in prog.sites if s not in prog.plan.outputs]
+    with _unchanged(prog) as reset:
+        errors = prog.reference_signals(x, y).errors
+        reset()
+        grads, _ = _backprop(prog, x, y, (), inner)
+    return {s: angle(errors[s], grads[s]) for s in inner}
 
 
 # -- errors and norms -----------------------------------------------------------------------------

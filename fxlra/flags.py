@@ -4,12 +4,12 @@ value of each option, which ``--help`` shows next to the default.
 """
 import argparse
 
-from . import wiring as wiring_mod
+from . import rules, wiring as wiring_mod
 
 WIRINGS = {"direct": "direct", "pairwise": "pairwise", "residual": "residual",
            "blocks2": wiring_mod.blocks(2), "blocks3": wiring_mod.blocks(3),
            "skip2": wiring_mod.skip(2), "skip3": wiring_mod.skip(3)}
-ERROR_RULES = ("hebbian-z", "hebbian-d", "derived", "bootstrap")
+ERROR_RULES = tuple(rules.ERROR_RULES)
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 
 # -- flags ----------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ class _Run:
         op by that op's own local VJP; also at the ``boundary`` sites (other sites' values) that
         the region reads, for error_rule="bootstrap"."""
         region = set(site.region)
-        reach = region | (set(boundary) - region)
+        reach = region | set(boundary)
         start = e
         if site.kind == "activation" and self.o["local_rule"] == "dx":
             start = e * phi_prime(site, self.env, self.modules, self.nodes, self.env[site.h])

@@ -2,6 +2,8 @@
 sites that read z_i carried back to z_i by their own local VJP (fxlra/bootstrap.py). These tests
 check c_i against autograd on the same graph cut at every site, the synapse update against the
 least-squares gradient, the generated program against the reference, and the option's errors."""
+import copy
+
 import pytest
 import torch
 import torch.fx as fx
@@ -104,7 +106,7 @@ def test_the_synapse_update_is_the_least_squares_gradient():
         torch.testing.assert_close(updates[f"synapses.{edge.key}.weight"], want)
 
 
-def test_the_generated_program_equals_the_reference_and_moves_no_buffer():
+def test_the_generated_program_equals_the_reference_and_moves_only_the_forwards_stats():
     torch.manual_seed(0)
     model = models.ResNet18(4, 4, cifar=True, in_channels=1)
     x, y = torch.randn(4, 1, 12, 12), torch.randint(0, 4, (4,))
@@ -120,9 +122,15 @@ def test_the_generated_program_equals_the_reference_and_moves_no_buffer():
                                    msg=name)
     assert "boot_" in prog.code and "boot_" not in fxlra.compile(model, error_rule="hebbian-z").code
     # the program's forward moves the running statistics once, as a training forward does;
-    # the reference re-runs on copies
+    # so does the reference's, and its carry (the boundary's included) re-runs on copies
     moved = [k for k in before if not torch.equal(before[k], after_program[k])]
-    assert all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
+    assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                         for k in moved)
+    one_more = copy.deepcopy(model)
+    one_more.load_state_dict(after_program)
+    one_more(x)
+    for k, v in one_more.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
 
 
 def test_with_beta_zero_only_the_outputs_error_reaches_c():

