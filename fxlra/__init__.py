@@ -4,7 +4,7 @@ from . import wiring
 from .checkpoint import load, save, seed_everything
 from .errors import (CheckpointError, DataError, FxlraError, InputError, NumericalError, OptionError,
                      PlanError, TraceError, UnsupportedError, WiringError)
-from .ops import register_activation
+from .registry import register_activation
 from .plan import Plan
 from .compiler import compile
 from .program import Program, StepResult

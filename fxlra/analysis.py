@@ -13,7 +13,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from . import ops, params, passes, scope as scopes, shapes
+from . import params, passes, registry, scope as scopes, shapes
 from .errors import PlanError
 from .plan import Block, Layout, ParamRule, Site, stages_of
 
@@ -35,7 +35,7 @@ def input_derived(nodes):
     tensor made by an op that ignores its input's values (a random mask) does not."""
     found = {}
     for n in nodes:
-        found[n] = n.op == "placeholder" or (not ops.ignores_input_values(n) and
+        found[n] = n.op == "placeholder" or (not registry.ignores_input_values(n) and
                                              any(found[a] for a in n.all_input_nodes))
     return found
 
@@ -44,7 +44,7 @@ def _carries_no_error(node):
     """An integer or boolean tensor, or an op whose value ignores its input's values: no error
     is carried into it."""
     meta = shapes.tensor_meta(node)
-    return ops.ignores_input_values(node) or \
+    return registry.ignores_input_values(node) or \
         (meta is not None and not (meta.dtype.is_floating_point or meta.dtype.is_complex))
 
 
@@ -121,7 +121,7 @@ def _sweep(nodes, modules, op_params, identity, outputs, from_input):
             continue
         incoming = frozenset().union(*(pending[a] for a in node.all_input_nodes))
         own = incoming | ({node} if node in op_params else frozenset())
-        activation = incoming and from_input[node] and ops.is_activation(node, modules) and \
+        activation = incoming and from_input[node] and registry.is_activation(node, modules) and \
             shapes.batch_first(node)
         if node in identity or node in outputs or activation:
             sites.append(node)
@@ -137,7 +137,7 @@ def _violations(nodes, modules, op_params, pending, from_input):
     fans out from a parameter-only computation has no single owner and is rejected."""
     extra = set()
     for node in nodes:
-        if node in op_params and ops.is_weight_op(node, modules):
+        if node in op_params and registry.is_weight_op(node, modules):
             for a in node.all_input_nodes:
                 if pending[a] and from_input[a]:
                     extra |= _nearest_tensor(a, pending, modules)
@@ -187,7 +187,7 @@ def _nearest_tensor(node, pending, modules):
 def _above_reshapes(node, pending, modules):
     """The value a chain of reshapes, permutes and transposes started from (``node`` itself
     when it is not such an op)."""
-    while ops.is_layout_op(node, modules):
+    while registry.is_layout_op(node, modules):
         inputs = [a for a in node.all_input_nodes if pending.get(a)]
         if len(inputs) != 1 or shapes.shape_of(inputs[0]) is None:
             break
@@ -242,19 +242,19 @@ def _channel_dim(node, shape, region, modules, op_params):
     parametrised op before it; the op's kind decides when both or neither axis match."""
     after = _next_module_op(node, modules, op_params)
     if after is not None:
-        matches = [d for d in (1, -1) if shape[d] in ops.input_feature_counts(modules[after.target])]
+        matches = [d for d in (1, -1) if shape[d] in registry.input_feature_counts(modules[after.target])]
         if len(matches) == 1:
             return matches[0]
     for op in reversed(region):
         if op not in op_params:
             continue
-        features = ops.feature_counts(op, modules, modules[""])
-        if not features and not ops.is_weight_op(op, modules):
+        features = registry.feature_counts(op, modules, modules[""])
+        if not features and not registry.is_weight_op(op, modules):
             continue          # an elementwise op that does not tell (PReLU's one slope, a scale)
         matches = [d for d in (1, -1) if shape[d] in features]
         if len(matches) == 1:
             return matches[0]
-        return -1 if ops.channel_last(op, modules) else 1
+        return -1 if registry.channel_last(op, modules) else 1
     return -1 if len(shape) == 3 else 1
 
 
@@ -272,13 +272,13 @@ def _layout(node, region, modules, op_params):
 def _site_kind(node, outputs, modules):
     if node in outputs:
         return "output"
-    return "activation" if ops.is_activation(node, modules) else "identity"
+    return "activation" if registry.is_activation(node, modules) else "identity"
 
 
 def _make_site(node, kind, region, modules, op_params, loss_phi):
     if kind == "activation":
         h = node.all_input_nodes[0].name
-        phi = ops.activation_name(node, modules)
+        phi = registry.activation_name(node, modules)
     else:
         h, phi = node.name, (loss_phi if kind == "output" else "identity")
     return Site(name=node.name, kind=kind, h=h, activation=phi,
@@ -383,7 +383,7 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer",
         site = owner.get(node)
         if site is None:
             raise PlanError(f"parameter {names[0]} (op {node.name}) reaches no error site")
-        rules += [ParamRule(p, node.name, ops.rule_name(node, modules), site.name,
+        rules += [ParamRule(p, node.name, registry.rule_name(node, modules), site.name,
                             params.local_key(node, p, modules, model, canonical)) for p in names]
     model_order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     rules.sort(key=lambda r: model_order[r.param])

@@ -1,9 +1,9 @@
 """How a site's error is carried back through the ops of its region that have no parameter
 rule of their own: the reshapes, pooling, means and transpositions, the normalisation layers'
 input-VJPs (norm_error="vjp"), the pseudo-convolution's and the locally connected layer's
-(error_rule="bootstrap" carries errors into the layers that read a site). Each table maps an
-op kind to a function ``carry(call, x, c) -> c_x``; an op kind missing from them falls back to
-torch.func on that one op (``fxlra.local.local_vjp``).
+(error_rule="bootstrap" carries errors into the layers that read a site). Each is a function
+``carry(call, x, c) -> c_x``, named by its op kind's row in ``fxlra.registry``; an op kind
+without one falls back to torch.func on that one op (``fxlra.local.local_vjp``).
 """
 import torch
 import torch.nn.functional as F
@@ -15,11 +15,11 @@ from .nn import LocallyConnected2d, PerturbativeConv2d
 aten = torch.ops.aten
 
 
-def _reshape_back(call, x, c):
+def reshape_back(call, x, c):
     return c.reshape(x.shape)
 
 
-def _max_pool2d(call, x, c):
+def max_pool2d(call, x, c):
     m = call.module
     _, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
     pair = nn.modules.utils._pair
@@ -28,18 +28,18 @@ def _max_pool2d(call, x, c):
                                                  pair(m.dilation), m.ceil_mode, idx)
 
 
-def _avg_pool2d(call, x, c):
+def avg_pool2d(call, x, c):
     m, pair = call.module, nn.modules.utils._pair
     return aten.avg_pool2d_backward(c.to(x.dtype), x, pair(m.kernel_size),
                                     pair(m.stride or m.kernel_size), pair(m.padding),
                                     m.ceil_mode, m.count_include_pad, m.divisor_override)
 
 
-def _adaptive_avg_pool2d(call, x, c):
+def adaptive_avg_pool2d(call, x, c):
     return aten._adaptive_avg_pool2d_backward(c.to(x.dtype), x)
 
 
-def _mean(call, x, c):
+def mean(call, x, c):
     dims = call.arg("dim", 1, None)
     keep = call.arg("keepdim", 2, False)
     if dims is None:
@@ -55,7 +55,7 @@ def _mean(call, x, c):
     return c.expand(x.shape) / count
 
 
-def _permute(call, x, c):
+def permute(call, x, c):
     dims = call.args[1:] if len(call.args) > 2 or isinstance(call.args[1], int) else call.args[1]
     inverse = [0] * len(dims)
     for k, d in enumerate(dims):
@@ -63,11 +63,11 @@ def _permute(call, x, c):
     return c.permute(inverse)
 
 
-def _transpose(call, x, c):
+def transpose(call, x, c):
     return c.transpose(call.args[1], call.args[2])
 
 
-def _perturbative_input(call, x, c):
+def perturbative_input(call, x, c):
     """fxlra.nn.PerturbativeConv2d's input-VJP: the 1x1 combination transposed, ReLU's mask
     at x + n, summed over the masks of each input channel, then the stride's average pool
     transposed."""
@@ -83,7 +83,7 @@ def _perturbative_input(call, x, c):
                                     None)
 
 
-def _locally_connected_input(call, x, c):
+def locally_connected_input(call, x, c):
     """fxlra.nn.LocallyConnected2d's input-VJP: each position's weights transposed, then the
     unfold folded back."""
     m = call.module
@@ -94,11 +94,11 @@ def _locally_connected_input(call, x, c):
 
 
 # -- normalisation layers' input-VJPs (norm_error="vjp"), with the statistics the forward used -----
-def _batchnorm_input(call, x, c):
+def batchnorm_input(call, x, c):
     return batchnorm_grads(call.module, x, c, with_input=True)["input"]
 
 
-def _layernorm_input(call, x, c):
+def layernorm_input(call, x, c):
     m = call.module
     shape = list(m.normalized_shape)
     _, mean, rstd = aten.native_layer_norm(x, shape, m.weight, m.bias, m.eps)
@@ -106,7 +106,7 @@ def _layernorm_input(call, x, c):
                                            m.bias, [True, False, False])[0]
 
 
-def _groupnorm_input(call, x, c):
+def groupnorm_input(call, x, c):
     m = call.module
     n, channels = x.shape[0], x.shape[1]
     spatial = x[0, 0].numel()
@@ -116,7 +116,7 @@ def _groupnorm_input(call, x, c):
                                            spatial, m.num_groups, [True, False, False])[0]
 
 
-def _module_input_vjp(call, x, c):
+def module_input_vjp(call, x, c):
     """The input-VJP of a norm module without an ATen rule here (InstanceNorm, RMSNorm, LRN):
     torch.func on the module alone, its buffers copied so running statistics do not move."""
     m = call.module
@@ -124,17 +124,3 @@ def _module_input_vjp(call, x, c):
              **{n: b.clone() for n, b in m.named_buffers()}}
     _, pullback = torch.func.vjp(lambda v: torch.func.functional_call(m, state, (v,)), x)
     return pullback(c.to(x.dtype))[0]
-
-
-CARRY_MODULES = {nn.Flatten: _reshape_back, nn.MaxPool2d: _max_pool2d,
-                 nn.AvgPool2d: _avg_pool2d, nn.AdaptiveAvgPool2d: _adaptive_avg_pool2d,
-                 nn.modules.batchnorm._BatchNorm: _batchnorm_input, nn.LayerNorm: _layernorm_input,
-                 nn.GroupNorm: _groupnorm_input,
-                 nn.modules.instancenorm._InstanceNorm: _module_input_vjp,
-                 nn.RMSNorm: _module_input_vjp, nn.LocalResponseNorm: _module_input_vjp,
-                 PerturbativeConv2d: _perturbative_input,
-                 LocallyConnected2d: _locally_connected_input}
-CARRY_FUNCTIONS = {torch.flatten: _reshape_back, torch.reshape: _reshape_back,
-                   torch.mean: _mean, torch.permute: _permute, torch.transpose: _transpose}
-CARRY_METHODS = {"flatten": _reshape_back, "view": _reshape_back, "reshape": _reshape_back,
-                 "mean": _mean, "permute": _permute, "transpose": _transpose}

@@ -8,7 +8,7 @@ import operator
 import torch
 from torch import fx
 
-from . import bootstrap, carry, local, ops, rules, shapes
+from . import bootstrap, local, registry, rules, shapes
 
 # rules whose weight-gradient fxlra.kernels computes in one fused Triton kernel (same signature)
 KERNEL_GRADS = ("perturbative",)
@@ -43,11 +43,11 @@ class UpdateStage:
 
     def _derivative(self, node, value):
         """phi'(value) of the activation ``node``, as source."""
-        name = ops.activation_name(node, self.modules)
-        if name in local.DERIVATIVES:
-            fn = self.glob(local.DERIVATIVES[name], f"phi_prime_{name}")
+        name, row = registry.activation_name(node, self.modules), self._kind(node)
+        if row.phi_prime is not None:
+            fn = self.glob(row.phi_prime, f"phi_prime_{name}")
             return f"{fn}({self.opcall(node)}, {value})"
-        derivative = ops.activation_derivative(node, self.modules)
+        derivative = row.derivative
         if derivative is not None:
             return f"{self.glob(derivative, 'derivative_' + name)}({value})"
         fn = self.glob(_jvp_derivative, "jvp_derivative")
@@ -127,7 +127,8 @@ class UpdateStage:
         inputs = [a for a in node.all_input_nodes if a.name in region]
         if not inputs:
             return
-        signs = ops.carry_signs(node, self.modules, self.o["norm_error"])
+        signs = registry.carry_signs(node, self.modules, self.o["norm_error"])
+        row = self._kind(node)
         if signs is not None:
             for k, a in enumerate(node.args[:len(signs)]):
                 if isinstance(a, fx.Node) and a.name in region:
@@ -140,7 +141,7 @@ class UpdateStage:
                 shapes.shape_of(node.args[0]) is None:
             self._cot(node.args[0].name, f"{{{node.args[1]!r}: {c}}}", defined, [c])
             return
-        if node.op == "call_function" and node.target in local.CAT_FUNCTIONS:
+        if row.concat:
             tensors = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             listed = "[" + ", ".join(t.name for t in tensors) + "]"
@@ -149,21 +150,19 @@ class UpdateStage:
                     self._cot(t.name, f"local.cat_part({c}, {dim}, {listed}, {k})", defined,
                               [c] + [u.name for u in tensors])
             return
-        self.opcall(node)
-        rule = local.lookup(carry.CARRY_MODULES, carry.CARRY_FUNCTIONS, carry.CARRY_METHODS,
-                            self._opcalls[node.name])
+        rule = row.carry
         x = node.args[0]
         if node.name in self._input_vjp and len(inputs) == 1 and inputs[0] is x:
             self._cot(x.name, f"{self._input_vjp[node.name]}['input']", defined,
                       [self._input_vjp[node.name]])
             return
-        if node.op == "call_function" and ops.is_norm(node, self.modules):
+        if node.op == "call_function" and row.norm:
             self._cot(x.name, f"local.functional_norm_vjp({self.opcall(node)}, "
                       f"{self._call_form(node)}, {c})", defined,
                       [c] + [a.name for a in node.all_input_nodes])
             return
         if rule is not None and len(inputs) == 1 and inputs[0] is x:
-            fn = self.glob(rule, f"carry{rule.__name__}")
+            fn = self.glob(rule, f"carry_{rule.__name__}")
             self._cot(x.name, f"{fn}({self.opcall(node)}, {x.name}, {c})", defined, [c, x.name])
             return
         self.fallbacks.append(node.name)
@@ -185,8 +184,8 @@ class UpdateStage:
         rules = self._param_ops[node]
         names = [r.param for r in rules]
         target = f"grads_{node.name}"
-        if node.op == "call_module" and self._rule(node) in local.MODULE_GRADS:
-            fn = local.MODULE_GRADS[self._rule(node)]
+        if node.op == "call_module" and self._rule(node) in registry.WEIGHT_GRADS:
+            fn = registry.WEIGHT_GRADS[self._rule(node)]
             module = self.glob(self.modules[node.target], "m_" + node.target)
             x = node.args[0].name
             owner = "local"
@@ -251,6 +250,9 @@ class UpdateStage:
         site = self._region_of.get(node.name)
         return wanted and site is not None and (node.args[0].name in site.region or
                                                 node.args[0].name in self._boundary)
+
+    def _kind(self, node):
+        return registry.kind_of(node, self.modules)
 
     def _rule(self, node):
         return next(r.rule for r in self.plan.params if r.op == node.name)

@@ -3,7 +3,7 @@ options, trace, analyse, wire, build the error synapses, verify the Plan.
 """
 import torch
 
-from . import (analysis, health, ops, passes, placement, presets, rules,
+from . import (analysis, health, passes, placement, presets, registry, rules,
                scope as scope_mod, shapes, synapses as syn, trace, wiring as wiring_mod)
 from .errors import OptionError, WiringError
 from .params import SHARED_PARAMS, multi_op_modules
@@ -72,7 +72,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
         "scope", "norm_error", "map_synapse", "error_rule"))
     rules.check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip,
                         error_init_std)
-    rules.check_choice("norm_error", norm_error, ops.NORM_ERRORS)
+    rules.check_choice("norm_error", norm_error, registry.NORM_ERRORS)
     rules.check_choice("map_synapse", map_synapse, syn.MAP_SYNAPSES)
     rules.check_choice("scope", scope, scope_mod.SCOPES)
     rules.check_choice("shared_params", shared_params, SHARED_PARAMS)

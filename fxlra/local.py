@@ -1,21 +1,29 @@
 """Explicit local rules for the generated program, without autograd: the weight-gradient of
 every parametrised op kind (at its recorded input, for the cotangent at its output), the helpers
 the generated code calls to carry an error (broadcast sums, concatenation, functional norms;
-the per-op carry rules are ``fxlra.carry``'s tables), and the derivatives of activations.
-
-Each table maps an op kind to a plain function. An op kind missing from a table falls back to
-``torch.func`` on that single op (``local_vjp``); ``prog.explain()`` and ``prog.code`` name it.
+the per-op carry rules are in ``fxlra.carry``) and the derivatives of activations. Which op
+kind takes which function is ``fxlra.registry``'s rows; an op without one falls back to
+``torch.func`` on that single op (``fxlra.fallback``).
 """
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import ops
 from .errors import UnsupportedError
+# the generated code calls the torch.func fallback as local.local_vjp, local.module_param_vjp
+from .fallback import add_cotangents, local_vjp, module_param_vjp  # noqa: F401
 
 aten = torch.ops.aten
+
+
+def compute_dtype(x, c):
+    """The dtype a weight-gradient op computes in: its inputs', or under autocast (where the
+    recorded input and the error may differ) the autocast dtype, as autograd's backward would."""
+    if x.dtype == c.dtype:
+        return x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, c.dtype)
 
 
 # -- weight-gradients: rule(module, x, c) -> {local parameter name: summed gradient} -------------
@@ -41,7 +49,7 @@ def fuses_input_vjp(m):
 def conv_grads(m, x, c, with_input=False):
     """weight and bias by ATen's convolution backward; ``with_input``: also the input-VJP from
     the same call (key "input"; only where ``fuses_input_vjp(m)``)."""
-    dtype = ops.compute_dtype(x, c)
+    dtype = compute_dtype(x, c)
     x, c = x.to(dtype), c.to(dtype)
     padding = m.padding
     if m.padding_mode != "zeros" or isinstance(padding, str):
@@ -166,12 +174,6 @@ def locally_connected_grads(m, x, c):
     return grads
 
 
-MODULE_GRADS = {"linear": linear_grads, "conv": conv_grads, "batchnorm": batchnorm_grads,
-                "layernorm": layernorm_grads, "groupnorm": groupnorm_grads,
-                "embedding": embedding_grads, "perturbative": perturbative_grads,
-                "locally-connected": locally_connected_grads}
-
-
 # -- helpers of the generated code for carrying an error (the carry rules: fxlra.carry) ----------
 def reduce_to(c, shape):
     """Sum a cotangent over the axes that were broadcast to reach it."""
@@ -189,9 +191,6 @@ def cat_part(c, dim, inputs, k):
     return c.narrow(dim, start, inputs[k].shape[dim])
 
 
-CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
-
-
 def functional_norm_vjp(call, args, kwargs, c):
     """The input-VJP of F.batch_norm / F.layer_norm / F.group_norm at its recorded arguments;
     the other tensors (running statistics, affine parameters) are copies, so nothing moves."""
@@ -202,40 +201,33 @@ def functional_norm_vjp(call, args, kwargs, c):
 
 
 # -- derivatives of activations (phi'), used by local_rule="dx" and error_rule="derived" ---------
-def _leaky(call, h):
+def leaky_prime(call, h):
     slope = call.module.negative_slope if call.module is not None else call.arg(
         "negative_slope", 1, 0.01)
     return torch.where(h > 0, torch.ones_like(h), torch.full_like(h, slope))
 
 
-def _tanh_prime(call, h):
+def tanh_prime(call, h):
     return 1 - torch.tanh(h) ** 2
 
 
-def _sigmoid_prime(call, h):
+def sigmoid_prime(call, h):
     s = torch.sigmoid(h)
     return s * (1 - s)
 
 
-def _relu_prime(call, h):
+def relu_prime(call, h):
     return (h > 0).to(h.dtype)
 
 
-def _sign_prime(call, h):
+def sign_prime(call, h):
     return torch.zeros_like(h)
 
 
-def _recorded_prime(call, h):
+def recorded_prime(call, h):
     """phi'(h) of an activation function by forward mode on the op alone, at its recorded
     constant arguments (F.elu(h, alpha=3.0) differentiates elu with alpha 3, not 1)."""
     return torch.func.jvp(call.apply_to, (h,), (torch.ones_like(h),))[1]
-
-
-DERIVATIVES = {"relu": _relu_prime, "ReLU": _relu_prime, "tanh": _tanh_prime,
-               "Tanh": _tanh_prime, "sigmoid": _sigmoid_prime, "Sigmoid": _sigmoid_prime,
-               "sign": _sign_prime, "leaky_relu": _leaky, "LeakyReLU": _leaky}
-DERIVATIVES.update({name: _recorded_prime for name in ops.builtin_activation_function_names()
-                    if name not in DERIVATIVES})
 
 
 class OpCall:
@@ -275,151 +267,3 @@ class OpCall:
 
     def __repr__(self):
         return f"<op {self.name}>"
-
-
-def lookup(table_modules, table_functions, table_methods, call):
-    if call.module is not None:
-        key = ops.row_class(type(call.module), table_modules)
-        return None if key is None else table_modules[key]
-    if call.op == "call_function":
-        return table_functions.get(call.target)
-    return table_methods.get(call.target)
-
-
-def add_cotangents(a, b):
-    """The sum of two cotangents of one tuple-valued op, each {index: cotangent} (nested as
-    deep as the op's tuples), as from two ``getitem`` users inside one region."""
-    if not isinstance(a, dict):
-        return a + b
-    merged = dict(a)
-    for k, v in b.items():
-        merged[k] = add_cotangents(merged[k], v) if k in merged else v
-    return merged
-
-
-def _cotangent_like(out, cot):
-    """A cotangent for ``out``; tuple-valued ops carry theirs as {index: cotangent}, nested as
-    deep as the tuples are (an LSTM's ``(output, (h, c))``); an unreached part gets zeros."""
-    if isinstance(out, (tuple, list)):
-        parts = {}          # by position: spx[-1] and spx[1] of a pair are the same part
-        for k, c in (cot.items() if isinstance(cot, dict) else ()):
-            k = k % len(out)
-            parts[k] = add_cotangents(parts[k], c) if k in parts else c
-        return tuple(_cotangent_like(o, parts[k]) if k in parts else _zeros_like(o)
-                     for k, o in enumerate(out))
-    return cot
-
-
-def _zeros_like(out):
-    if isinstance(out, (tuple, list)):
-        return tuple(_zeros_like(o) for o in out)
-    return torch.zeros_like(out)
-
-
-def _tensors_only(out):
-    """An op's output for torch.func, nested tuples included: a None in a tuple (attention
-    without weights) or an integer tensor (the indices of torch.sort) becomes a constant that
-    no cotangent reaches."""
-    if isinstance(out, (tuple, list)):
-        return tuple(_tensors_only(o) for o in out)
-    differentiable = isinstance(out, torch.Tensor) and (out.is_floating_point() or
-                                                        out.is_complex())
-    return out if differentiable else torch.zeros(())
-
-
-def _under_func(name, run):
-    """Run one op inside a torch.func transform. It already ran in the forward on the same
-    inputs, so a RuntimeError here is torch.func's: the op reads tensor storage (numpy,
-    ``data_ptr``), which torch.func's wrapped tensors do not have."""
-    try:
-        return run()
-    except RuntimeError as exc:
-        if _MUTATES_CAPTURED.search(str(exc)):
-            raise _MutatesCaptured() from exc
-        raise UnsupportedError(
-            f"{name} has no rule of its own, and torch.func cannot differentiate it (torch.func "
-            f"said: {exc}); it probably leaves torch (numpy, data_ptr). Fix: write it with torch "
-            "ops, or move it off the path between a parametrised op and its site") from exc
-
-
-_NOT_DIFFERENTIABLE = re.compile(r"derivative for \S+ is not implemented")
-_MUTATES_CAPTURED = re.compile(r"in-place operation .* captured Tensor", re.S)
-
-
-class _MutatesCaptured(Exception):
-    """The op writes in place into a tensor it closes over (a leaf module that updates its own
-    state, adds into a temporary): torch.func refuses, autograd does not."""
-
-
-def _vjp(name, fn, primals, cot):
-    """VJP of ``fn`` at ``primals`` (a tuple of tensors or of dicts of them) for ``cot``:
-    torch.func's, or autograd's when the op mutates a tensor it captures."""
-    try:
-        out, pullback = torch.func.vjp(fn, *primals)
-        return _pull(name, pullback, _cotangent_like(out, cot))
-    except _MutatesCaptured:
-        leaves, spec = torch.utils._pytree.tree_flatten(primals)
-        with torch.enable_grad():
-            wanted = [p.detach().requires_grad_() for p in leaves]
-            out = fn(*torch.utils._pytree.tree_unflatten(wanted, spec))
-            outs, cots = _differentiable_pairs(out, _cotangent_like(out, cot))
-            grads = torch.autograd.grad(outs, wanted, cots, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(wanted, grads)]
-        return torch.utils._pytree.tree_unflatten(grads, spec)
-
-
-def _differentiable_pairs(out, cot):
-    """(output, cotangent) pairs of the outputs that autograd can differentiate."""
-    outs = torch.utils._pytree.tree_leaves(out)
-    cots = torch.utils._pytree.tree_leaves(cot)
-    pairs = [(o, c) for o, c in zip(outs, cots) if isinstance(o, torch.Tensor) and o.requires_grad]
-    return [o for o, _ in pairs], [c for _, c in pairs]
-
-
-def _pull(name, pullback, cot):
-    """Apply a torch.func pullback; an op without a derivative (floor division) is named."""
-    try:
-        return pullback(cot)
-    except RuntimeError as exc:
-        if not _NOT_DIFFERENTIABLE.search(str(exc)):
-            raise
-        raise UnsupportedError(
-            f"{name} is not differentiable (torch said: {exc}), so no error can be carried back "
-            "through it. Fix: apply an activation before it (its input becomes a site and no "
-            "error crosses it), or write it with differentiable ops") from exc
-
-
-def _tensor_free(v):
-    return isinstance(v, (tuple, list)) and len(v) > 0 and not any(
-        isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(v))
-
-
-def local_vjp(fn, args, kwargs, cot, wrt):
-    """The fallback for ops with no explicit rule: torch.func's VJP of this one op at its
-    recorded inputs, for the leaves of ``(args, kwargs)`` at the flat positions ``wrt``."""
-    # a tensor-free tuple or list (a constant size, or one an earlier op returned) is one leaf,
-    # as in the traced arguments whose flat positions ``wrt`` counts
-    leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs), is_leaf=_tensor_free)
-
-    def partial(*chosen):
-        full = list(leaves)
-        for k, v in zip(wrt, chosen):
-            full[k] = v
-        a, kw = torch.utils._pytree.tree_unflatten(full, spec)
-        return _under_func(name, lambda: _tensors_only(fn(*a, **kw)))
-    name = f"op {getattr(fn, 'name', fn)}"
-    return list(_vjp(name, partial, tuple(leaves[k] for k in wrt), cot))
-
-
-def module_param_vjp(module, args, kwargs, cot):
-    """The fallback weight-gradient of a module with no explicit rule (buffers are copied, so
-    the module's running statistics do not change)."""
-    params = dict(module.named_parameters())
-    buffers = {n: b.clone() for n, b in module.named_buffers()}
-
-    def call(p):
-        return _under_func(name, lambda: _tensors_only(
-            torch.func.functional_call(module, {**p, **buffers}, tuple(args), kwargs)))
-    name = f"module {type(module).__name__}"
-    (grads,) = _vjp(name, call, (params,), cot)
-    return grads

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 from torch.func import functional_call
 
-from . import bootstrap, local, ops, rules, synapses as syn
+from . import bootstrap, local, registry, rules, synapses as syn
 
 
 @dataclass
@@ -97,7 +97,7 @@ def phi(site, env, modules, nodes, x):
 def phi_prime(site, env, modules, nodes, x):
     if site.kind != "activation":
         return torch.ones_like(x)
-    derivative = ops.activation_derivative(nodes[site.name], modules)
+    derivative = registry.kind_of(nodes[site.name], modules).derivative
     if derivative is not None:
         return derivative(x)
     leaf = x.detach().requires_grad_()
@@ -183,7 +183,7 @@ class _Run:
         inputs = [a for a in node.all_input_nodes if a.name in region]
         if not inputs:
             return []
-        signs = None if crossing else ops.carry_signs(node, self.modules, self.o["norm_error"])
+        signs = None if crossing else registry.carry_signs(node, self.modules, self.o["norm_error"])
         if signs is not None:
             out = []
             for k, a in enumerate(node.args[:len(signs)]):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import OptionError
-from .ops import compute_dtype
+from .local import compute_dtype
 
 KIND_BY_LAYOUT = {("vector", "vector"): "dense", ("vector", "spatial"): "broadcast",
                   ("spatial", "spatial"): "pointwise", ("spatial", "vector"): "pool"}

@@ -16,7 +16,7 @@ from torch.fx._symbolic_trace import PHBase
 
 from .containers import traced_forward
 from .errors import TraceError, UnsupportedError
-from .ops import (registered_activation_functions, registered_activation_modules,
+from .registry import (registered_activation_functions, registered_activation_modules,
                   rule_module_types)
 
 # (substring of the fx/torch message, kind of problem, the fix that applies first)

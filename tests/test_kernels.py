@@ -117,7 +117,7 @@ def _load():
 FRESH, MODULES = _load()                  # before fxlra is imported here: it imports Triton
 TE, PC, RP = (MODULES[n] for n in NAMES)
 
-from fxlra import local, ops, rules                         # noqa: E402
+from fxlra import local, registry, rules                         # noqa: E402
 from fxlra.nn import PerturbativeConv2d                    # noqa: E402
 
 
@@ -258,13 +258,15 @@ def test_target_and_error_without_target_and_defaults():
 
 
 def _torch_activations():
-    """fxlra's activation table (ops): its torch modules and functions, plus parametrised ones,
-    each as (target, call, extra args, kwargs)."""
-    modules = [cls() for cls in ops._ACTIVATION_MODULES if cls.__module__.startswith("torch.")]
+    """fxlra's activation rows (registry): its torch modules and functions (not the ATen ops),
+    plus parametrised ones, each as (target, call, extra args, kwargs)."""
+    modules = [cls() for cls, row in registry.MODULES.items()
+               if row.activation and cls.__module__.startswith("torch.")]
     modules += [nn.LeakyReLU(0.3), nn.ELU(0.4), nn.Hardtanh(-0.3, 0.6), nn.Softplus(2.0, 3.0),
                 nn.GELU(approximate="tanh"), nn.CELU(1.5)]
-    functions = [(fn, (), {}) for fn in ops._ACTIVATION_FUNCTIONS
-                 if (getattr(fn, "__module__", None) or "torch").split(".")[0] == "torch"]
+    functions = [(fn, (), {}) for fn, row in registry.FUNCTIONS.items()
+                 if row.activation and not isinstance(fn, torch._ops.OpOverloadPacket)
+                 and (getattr(fn, "__module__", None) or "torch").split(".")[0] == "torch"]
     functions += [(F.leaky_relu, (0.2,), {}), (F.hardtanh, (), {"min_val": -2.0}),
                   (F.gelu, (), {"approximate": "tanh"}), (F.softplus, (3.0,), {"threshold": 4.0})]
     calls = [(m, lambda x, m=m: m(x), (), {}) for m in modules]

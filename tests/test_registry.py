@@ -1,0 +1,147 @@
+"""The op registry: every rule a Plan names has a function behind it, explain() says
+"local-vjp" exactly where the generated program uses torch.func, and one lookup serves module,
+function, method and ATen nodes."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import fxlra
+from fxlra import registry
+from fxlra.nn import LocallyConnected2d, PerturbativeConv2d
+
+
+class Functional(nn.Module):
+    """F.linear and an elementwise scale on parameters: no rule of fxlra's own for either."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 5) * 0.3)
+        self.scale = nn.Parameter(torch.ones(6))
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(F.linear(x, self.w) * self.scale))
+
+
+class OwnForward(nn.BatchNorm2d):
+    """A BatchNorm whose forward adds an activation (as timm's BatchNormAct2d does)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def _conv_net(norm):
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), norm, nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 3))
+
+
+MODELS = {
+    "instancenorm": (lambda: _conv_net(nn.InstanceNorm2d(4, affine=True)), (2, 1, 6, 6)),
+    "groupnorm": (lambda: _conv_net(nn.GroupNorm(2, 4)), (2, 1, 6, 6)),
+    "batchnorm": (lambda: _conv_net(nn.BatchNorm2d(4)), (2, 1, 6, 6)),
+    "own-forward": (lambda: _conv_net(OwnForward(4)), (2, 1, 6, 6)),
+    "rmsnorm-prelu": (lambda: nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.PReLU(),
+                                            nn.LayerNorm(6), nn.Linear(6, 3)), (2, 5)),
+    "functional": (Functional, (2, 5)),
+    "fxlra.nn": (lambda: nn.Sequential(PerturbativeConv2d(1, 4, nmasks=2), nn.ReLU(),
+                                       LocallyConnected2d(4, 2, 3, (6, 6), padding=1),
+                                       nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)),
+                 (2, 1, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_named_rule_has_a_function_and_local_vjp_is_named_where_it_is_used(name):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    x, y = torch.randn(shape), torch.tensor([0, 2])
+    prog = fxlra.compile(build(), wiring="residual", example_inputs=(x,),
+                         leaf_modules=[OwnForward])
+    prog.step(x, y)                                  # the program ran
+    ops = {r.op for r in prog.plan.params}
+    named = {r.op for r in prog.plan.params if r.rule == "local-vjp"}
+    assert all(r.rule in registry.WEIGHT_GRADS for r in prog.plan.params
+               if r.rule != "local-vjp"), [r.rule for r in prog.plan.params]
+    assert named == set(prog.fallbacks) & ops
+    lines = prog.explain().splitlines()
+    for r in prog.plan.params:
+        line = next(s for s in lines if s.startswith(f"model.{r.param} "))
+        assert line.split()[2] == r.rule
+
+
+def test_ops_that_the_program_hands_to_torch_func_are_named_local_vjp():
+    rules = {}
+    for name in ("instancenorm", "rmsnorm-prelu", "functional", "own-forward"):
+        build, shape = MODELS[name]
+        prog = fxlra.compile(build(), wiring="residual", example_inputs=(torch.randn(shape),),
+                             leaf_modules=[OwnForward])
+        rules.update({f"{name}:{r.param}": r.rule for r in prog.plan.params})
+    assert rules["instancenorm:1.weight"] == "local-vjp"
+    assert rules["rmsnorm-prelu:1.weight"] == "local-vjp"
+    assert rules["functional:w"] == "local-vjp"
+    assert rules["functional:scale"] == "local-vjp"
+    assert rules["own-forward:1.weight"] == "local-vjp"
+    assert rules["functional:out.weight"] == "linear"
+
+
+def _nodes(model):
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, OwnForward) or super().is_leaf_module(m, name)
+
+    gm = fx.GraphModule(model, Tracer().trace(model))
+    return {n.name: n for n in gm.graph.nodes}, dict(gm.named_modules())
+
+
+def test_one_lookup_for_modules_functions_and_methods():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.own, self.pool = nn.BatchNorm2d(2), OwnForward(2), nn.MaxPool2d(2)
+
+        def forward(self, x):
+            a = F.relu(self.bn(x)) - self.own(x)
+            b = torch.cat([a, self.pool(a).repeat(1, 1, 2, 2)], 1)
+            return b.flatten(1).mean(1, keepdim=True) + torch.zeros_like(b).sum()
+
+    nodes, modules = _nodes(Mixed())
+    kind = {name: registry.kind_of(n, modules) for name, n in nodes.items()}
+    assert kind["bn"].norm and kind["bn"].signs == (1,) and kind["bn"].rule == "batchnorm"
+    assert kind["own"].norm and kind["own"].signs is None and kind["own"].grads is None
+    assert kind["relu"].activation and kind["relu"].phi_prime is not None
+    assert kind["sub"].signs == (1, -1)
+    assert kind["pool"].carry is not None and kind["pool"].mixes_features
+    assert kind["cat"].concat
+    assert kind["flatten"].layout and kind["flatten"].carry is not None
+    assert kind["mean"].carry is not None and not kind["mean"].layout
+    assert kind["zeros_like"].constant
+    assert kind["repeat"] == registry.UNKNOWN
+
+
+def test_aten_ops_of_an_exported_graph_find_their_rows():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.LayerNorm(6), nn.Dropout(0.1),
+                          nn.Unflatten(1, (2, 3)))
+    graph = torch.export.export(model.train(), (torch.randn(2, 4),)).graph
+    by_op = {n.target.overloadpacket: registry.kind_of(n, {}) for n in graph.nodes
+             if n.op == "call_function" and hasattr(n.target, "overloadpacket")}
+    aten = torch.ops.aten
+    assert by_op[aten.linear].channel_last and by_op[aten.linear].mixes_features
+    assert by_op[aten.relu].activation and by_op[aten.relu].signs == (1,)
+    assert by_op[aten.layer_norm].norm and by_op[aten.layer_norm].channel_last
+    assert by_op[aten.dropout].signs == (1,)
+    assert by_op[aten.unflatten].layout and by_op[aten.unflatten].carry is not None
+
+
+def test_a_registered_activation_is_a_site_whose_error_crosses_it_by_its_vjp():
+    def bump(h):
+        return h + 0.1 * torch.sin(h)
+
+    registry.register_activation(bump, lambda h: 1 + 0.1 * torch.cos(h))
+    try:
+        row = registry.FUNCTIONS[bump]
+        assert row.activation and row.signs is None and row.mixes_features
+        assert torch.allclose(row.derivative(torch.zeros(2)), torch.full((2,), 1.1))
+        assert bump in registry.registered_activation_functions()
+    finally:
+        del registry.FUNCTIONS[bump]
