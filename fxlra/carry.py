@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .local import batchnorm_grads
-from .nn import LocallyConnected2d, PerturbativeConv2d
 
 aten = torch.ops.aten
 
