@@ -37,5 +37,3 @@ def scale(is_output, beta):
 def residual(displacement, c):
     """The synapse's cotangent: d_i - c_i (c_i absent: no site reads z_i, d_i is fitted to 0)."""
     return displacement if c is None else displacement - c
-
-

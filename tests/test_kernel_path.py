@@ -2,8 +2,8 @@
 interpreter in a fresh process (TRITON_INTERPRET=1 must be set before Triton is imported): the
 fused target/error kernel at every site whose activation has a kernel row, and the fused
 pseudo-convolution forward and update, give the same updates as the torch path (the fused
-program also cut into blocks for 3 streams), and prog.code shows which path it took. On the CPU without the interpreter, "auto" keeps torch ops and
-"triton" is a clear error."""
+program also cut into blocks for 3 streams), and prog.code shows which path it took. On the CPU
+without the interpreter, "auto" keeps torch ops and "triton" is a clear error."""
 import os
 import subprocess
 import sys
