@@ -15,7 +15,12 @@ KERNEL_GRADS = ("perturbative",)
 
 
 class UpdateStage:
-    """The updates stage of ``Generator`` (it provides ``src``, ``glob``, ``fmt``, ``plan``...)."""
+    """The updates stage of ``Generator``, which sets in its ``__init__`` everything read here:
+    the inputs ``plan``, ``o`` (Options), ``nodes``, ``modules``, ``synapses``, ``use_kernels``;
+    the output ``src`` (with ``glob``, ``fmt``, ``opcall``, ``_on``, ``_dev``); what the earlier
+    stages found: ``_param_ops``, ``_bn_stats``, ``_uses``, ``_boundary``, ``_free``,
+    ``_region_of``; and what this stage records: ``update_names``, ``fallbacks``, ``_alias``,
+    ``_linear_grads``, ``_input_vjp``, ``_shared_parts``, ``_bootstrapped``, ``_here``."""
 
     def updates(self):
         for site in self.plan.sites:
@@ -56,14 +61,14 @@ class UpdateStage:
     def _site_updates(self, site):
         region = set(site.region)
         # the region the carry below stays in, and the factor on what it leaves it with
-        self._here = (region, bootstrap.scale(site.name in self.plan.outputs, self.o["beta"]))
+        self._here = (region, bootstrap.scale(site.name in self.plan.outputs, self.o.beta))
         self.src.comment(f"site {site.name}: local updates of {', '.join(site.ops) or 'nothing'}")
         err = self._on(f"err_{site.name}", 0, self._dev(site.name))    # updates run at home
         cot = {site.name: err}
         defined = set()
         if site.kind == "activation":
             start = err
-            if self.o["local_rule"] == "dx":
+            if self.o.local_rule == "dx":
                 start = f"{err} * {self._phi_prime(site, site.h)}"
             self._cot(site.h, start, defined, [err, site.h])
         for name in reversed(site.region):
@@ -127,7 +132,7 @@ class UpdateStage:
         inputs = [a for a in node.all_input_nodes if a.name in region]
         if not inputs:
             return
-        signs = ops.carry_signs(node, self.modules, self.o["norm_error"])
+        signs = ops.carry_signs(node, self.modules, self.o.norm_error)
         if signs is not None:
             for k, a in enumerate(node.args[:len(signs)]):
                 if isinstance(a, fx.Node) and a.name in region:
@@ -190,7 +195,7 @@ class UpdateStage:
             module = self.glob(self.modules[node.target], "m_" + node.target)
             x = node.args[0].name
             owner = "local"
-            if self.o.get("use_kernels") and self._rule(node) in KERNEL_GRADS:
+            if self.use_kernels and self._rule(node) in KERNEL_GRADS:
                 owner = self.glob(self._kernels(), "kernels")     # the fused Triton update
             stats = [self._bn_stats[node.name]] if node.name in self._bn_stats else []
             args = [module, x, c] + stats
@@ -244,7 +249,7 @@ class UpdateStage:
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             return False
         if fn is local.batchnorm_grads:
-            wanted = self.o["norm_error"] == "vjp"
+            wanted = self.o.norm_error == "vjp"
         else:
             wanted = fn in (local.conv_grads, local.linear_grads) and \
                 local.fuses_input_vjp(self.modules[node.target])
@@ -253,10 +258,10 @@ class UpdateStage:
                                                 node.args[0].name in self._boundary)
 
     def _rule(self, node):
-        return next(r.rule for r in self.plan.params if r.op == node.name)
+        return self.plan.rule_at(node.name)
 
     def _synapse_updates(self):
-        sign, which = rules.ERROR_RULES[self.o["error_rule"]]
+        sign, which = rules.ERROR_RULES[self.o.error_rule]
         for edge in self.plan.edges:
             self.src.begin(f"synapse_{edge.key}")
             i, site = edge.child, self.plan.site(edge.child)
@@ -274,13 +279,13 @@ class UpdateStage:
                 c, uses = f"err_{i}", [f"err_{i}"]
             else:
                 h = self._on(site.h, k, 0)
-                pre = f"torch.sub({h}, disp_{i}, alpha={self.o['beta']!r})"
+                pre = f"torch.sub({h}, disp_{i}, alpha={self.o.beta!r})"
                 c = f"err_{i} * {self._phi_prime(site, pre)}"
                 uses = [f"err_{i}", h, f"disp_{i}"]
             err_parent = self._on(f"err_{edge.parent}", k, self._dev(edge.parent))
             module = self.glob(self.synapses[edge.key], f"syn_{edge.key}")
             target = f"synapse_grads_{edge.key}"
-            self.src.comment(f"error synapse {edge.parent} -> {i} ({self.o['error_rule']})")
+            self.src.comment(f"error synapse {edge.parent} -> {i} ({self.o.error_rule})")
             shared = self._linear_grads.get((i, f"err_{edge.parent}")) if k == 0 else None
             if which == "z" and edge.synapse == "dense" and shared is not None:
                 # z_i^T e_j is the transpose of the weight update of the Linear that reads z_i
