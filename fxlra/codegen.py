@@ -23,7 +23,7 @@ from . import bootstrap, local, rules, streams, synapses as syn
 from .codegen_updates import UpdateStage
 from .nn import PerturbativeConv2d
 from .runtime import NO_REDUCE, Fetch, over_batch  # noqa: F401 (codegen.NO_REDUCE, as before)
-from .source import Source
+from .source import Source, readable, rename, sequential_names, shape_note
 
 
 def _is_simple(value):
@@ -53,7 +53,7 @@ class Generator(UpdateStage):
         self.fallbacks = []              # op names that use torch.func on one op
         self._shared = {}                # edge key -> (shared projection part, synapse kind)
         self.update_names = []           # (parameter name, expression, variable) in order
-        self._alias = {}                 # cotangent variable -> the error it merely renames
+        self._alias = {}                 # variable never assigned -> the value it would rename
         self._opcalls = {}               # node name -> its OpCall
         self._linear_grads = {}          # (input, output error) -> grads of a Linear op
         self.stages = {}                 # stage -> its statements' (defs, uses), in order
@@ -89,6 +89,13 @@ class Generator(UpdateStage):
             self.env[name] = obj
             self._global_ids[key] = name
         return self._global_ids[key]
+
+    def _var(self, name):
+        """What the program reads for the variable ``name``: itself, or the value it aliases."""
+        return self._alias.get(name, name)
+
+    def _shape_note(self, name):
+        return shape_note(self.nodes.get(name))
 
     def fmt(self, arg, subst=None):
         subst = subst or {}
@@ -166,10 +173,11 @@ class Generator(UpdateStage):
             if stats:          # the batch statistics too, for the norm's update
                 self.src.add(f"{node.name}, {stats} = local.batchnorm_forward("
                              f"{self.glob(self.modules[node.target], 'm_' + node.target)}, "
-                             f"{node.args[0].name})", [node.name, stats], uses)
+                             f"{node.args[0].name})", [node.name, stats], uses,
+                             self._shape_note(node.name))
                 continue
             self.src.add(f"{node.name} = {self._kernel_call(node) or self.call(node)}",
-                         [node.name], uses)
+                         [node.name], uses, self._shape_note(node.name))
 
     def _keeps_bn_stats(self, node):
         """Whether the forward runs this op by ``local.batchnorm_forward``, keeping the batch
@@ -198,19 +206,17 @@ class Generator(UpdateStage):
             self.src.add(f"target_{name} = rules.targets_for({name}, labels, {o.loss!r})",
                          [f"target_{name}"], [name, "labels"])
             self.src.add(f"err_{name}, loss_{name} = rules.output_error({name}, target_{name}, "
-                         f"{o.loss!r})", [f"err_{name}", f"loss_{name}"], [name, f"target_{name}"])
+                         f"{o.loss!r})", [f"err_{name}", f"loss_{name}"], [name, f"target_{name}"],
+                         self._shape_note(name))
             self._shared_projections(name)
         depth = self.plan.depth
-        wave, last = self._waves(), None
-        peers_in = collections.defaultdict(list)            # wave -> its sites, in order
-        for s in self.plan.error_order():
-            peers_in[wave[s]].append(s)
+        wave, last = self.plan.waves, None
         for i in self.plan.error_order():
             if i in self.plan.outputs:
                 continue
             self.src.begin(f"error_{i}")
             if wave[i] != wave.get(last):
-                peers = peers_in[wave[i]]
+                peers = self.plan.wave_sites[wave[i]]
                 note = " (independent: their parents are in earlier waves)" if peers[1:] else ""
                 self.src.comment(f"wave {wave[i]}: {', '.join(peers)}{note}")
             last = i
@@ -230,7 +236,8 @@ class Generator(UpdateStage):
                     err = self._on(f"err_{p}", k, self._dev(p))
                     terms.append(f"syn.apply({module}, {err}, {i}.shape)")
                     uses += [err]
-            self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i])
+            self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i],
+                         self._shape_note(i))
             alpha = rules.at_depth(o.alpha, depth[i])
             kappa = rules.at_depth(o.kappa, depth[i])
             if self._fused_error(site, alpha, kappa):
@@ -245,8 +252,8 @@ class Generator(UpdateStage):
                     else f"lambda v: {phi}"
                 uses += [a.name for a in node.all_input_nodes]
             self.src.add(f"target_{i}, err_{i} = rules.error_neurons({phi}, {h}, {z}, "
-                         f"disp_{i}, {o.beta!r}, {alpha!r}, {kappa!r})",
-                         [f"target_{i}", f"err_{i}"], uses)
+                         f"disp_{i}, beta={o.beta!r}, alpha={alpha!r}, kappa={kappa!r})",
+                         [f"target_{i}", f"err_{i}"], uses, self._shape_note(i))
             self._shared_projections(i)
 
     def _fused_error(self, site, alpha, kappa):
@@ -290,14 +297,6 @@ class Generator(UpdateStage):
     def _kernels():
         from . import kernels          # imports Triton: only on the kernel path
         return kernels
-
-    def _waves(self):
-        """The error stage in waves: a site's wave is one more than its latest parent's."""
-        wave = {}
-        for i in self.plan.error_order():
-            parents = self.plan.parents(i)
-            wave[i] = 1 + max(wave[p] for p in parents) if parents else 0
-        return wave
 
     def _shared_projections(self, parent):
         """One matrix multiply for all dense/broadcast synapses reading the same vector error
@@ -355,6 +354,11 @@ class Generator(UpdateStage):
             assert not problems, problems
             rows = streams.render_rows(rows, self.src.blocks, self.schedule)
             self.env["ST"] = self.stream_runtime
+        taken = set(self.nodes) | set(self.env)
+        new_name = readable(sequential_names(self.gm, self.modules, taken))
+        keep = {name for name in self.env if name.startswith("syn_")}   # synapses by edge key
+        rows = rename(rows, lambda name: name if name in keep else new_name(name))
+        self.env = {(k if k in keep else new_name(k)): v for k, v in self.env.items()}
         self.rows = tuple(rows)
         body = self.src.render(rows)
         return "\n".join(header + body) + "\n", [n for n, _, _ in self.update_names]

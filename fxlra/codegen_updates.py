@@ -73,7 +73,7 @@ class UpdateStage:
             self._cot(site.h, start, defined, [err, site.h])
         for name in reversed(site.region):
             node = self.nodes[name]
-            c = f"cot_{name}" if name in defined else cot.get(name)
+            c = self._var(f"cot_{name}") if name in defined else cot.get(name)
             if c is None:
                 continue
             if node in self._param_ops:
@@ -90,17 +90,19 @@ class UpdateStage:
         if name in self._boundary and name not in self._here[0]:
             self._bootstrap_part(name, expr, uses)
             return
+        var, note = f"cot_{name}", self._shape_note(name)
+        before = self._alias.pop(var, var)               # what cot_name reads so far
         if name in defined and expr.startswith("{"):     # parts of a tuple-valued op's output
-            self.src.add(f"cot_{name} = local.add_cotangents(cot_{name}, {expr})",
-                         [f"cot_{name}"], uses + [f"cot_{name}"])
+            self.src.add(f"{var} = local.add_cotangents({before}, {expr})", [var],
+                         uses + [before], note)
         elif name in defined:
-            self.src.add(f"cot_{name} = cot_{name} + {expr}", [f"cot_{name}"],
-                         uses + [f"cot_{name}"])
+            self.src.add(f"{var} = {before} + {expr}", [var], uses + [before], note)
         else:
-            self.src.add(f"cot_{name} = {expr}", [f"cot_{name}"], uses)
             defined.add(name)
-            if expr.isidentifier():                      # a plain alias of another error value
-                self._alias[f"cot_{name}"] = self._alias.get(expr, expr)
+            if expr.isidentifier():                      # a plain alias of another error value:
+                self._alias[var] = expr                  # later statements read that value
+            else:
+                self.src.add(f"{var} = {expr}", [var], uses, note)
 
     def _bootstrap_free(self):
         """error_rule="bootstrap": carry the collected c on through the ops no site owns
@@ -111,7 +113,7 @@ class UpdateStage:
         self._here = (set(), 1.0)                       # c is scaled already
         for name in self._free:
             if name in self._bootstrapped:
-                self._carry(self.nodes[name], f"boot_{name}", set(), set())
+                self._carry(self.nodes[name], self._var(f"boot_{name}"), set(), set())
 
     def _bootstrap_part(self, name, expr, uses):
         """Add this site's error, carried back to the value ``name`` that its region reads
@@ -120,11 +122,15 @@ class UpdateStage:
             return
         scale = self._here[1]
         part = expr if scale == 1.0 else f"{scale!r} * {expr}"
-        target = f"boot_{name}"
+        target, note = f"boot_{name}", self._shape_note(name)
         if name in self._bootstrapped:
-            self.src.add(f"{target} = {target} + {part}", [target], uses + [target])
+            before = self._alias.pop(target, target)
+            self.src.add(f"{target} = {before} + {part}", [target], uses + [before], note)
+        elif part.isidentifier():                        # a plain alias, as in _cot
+            self._alias[target] = part
+            self._bootstrapped.add(name)
         else:
-            self.src.add(f"{target} = {part}", [target], uses)
+            self.src.add(f"{target} = {part}", [target], uses, note)
             self._bootstrapped.add(name)
 
     def _carry(self, node, c, region, defined):
@@ -269,7 +275,8 @@ class UpdateStage:
             if which == "d":
                 c, uses = f"disp_{i}", [f"disp_{i}"]
             elif which == "bootstrap":      # least squares: d_i towards the carried-back error
-                boot = self._on(f"boot_{i}", k, 0) if i in self._bootstrapped else None
+                boot = self._on(self._var(f"boot_{i}"), k, 0) if i in self._bootstrapped \
+                    else None
                 c, uses = (f"disp_{i} - {boot}", [f"disp_{i}", boot]) if boot else \
                     (f"disp_{i}", [f"disp_{i}"])
             elif which == "z":

@@ -104,6 +104,8 @@ class _Lookups:
     op_rule: dict        # op -> the rule of its first parameter
     order: tuple = None  # the error order (None: the error graph has a cycle)
     depth: object = None  # site -> depth
+    wave: dict = field(default_factory=dict)        # site -> its wave of the error stage
+    wave_sites: dict = field(default_factory=dict)  # wave -> its sites, in the error order
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,11 @@ class Plan:
         object.__setattr__(self, "_index", lookups)
         lookups.order = self._error_order()
         lookups.depth = self._depth()
+        for name in lookups.order or ():       # a site's wave: one more than its latest parent's
+            parents = self.parents(name)
+            wave = 1 + max(lookups.wave[p] for p in parents) if parents else 0
+            lookups.wave[name] = wave
+            lookups.wave_sites.setdefault(wave, []).append(name)
 
     # -- queries ----------------------------------------------------------------------------
     def site(self, name):
@@ -180,6 +187,16 @@ class Plan:
                         nxt.append(child)
             frontier = nxt
         return _frozen_mapping((s.name, depth.get(s.name)) for s in self.sites)
+
+    @property
+    def waves(self):
+        """The error stage in waves: a site's wave is one more than its latest parent's."""
+        return self._index.wave
+
+    @property
+    def wave_sites(self):
+        """wave -> its sites, in the error order."""
+        return self._index.wave_sites
 
     def error_order(self):
         """Sites in an order where every parent comes before its children (outputs first)."""
