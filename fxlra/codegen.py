@@ -216,7 +216,7 @@ class Generator(UpdateStage):
                 continue
             self.src.begin(f"error_{i}")
             if wave[i] != wave.get(last):
-                peers = self.plan.wave_sites[wave[i]]
+                peers = self.plan.in_wave(wave[i])
                 note = " (independent: their parents are in earlier waves)" if peers[1:] else ""
                 self.src.comment(f"wave {wave[i]}: {', '.join(peers)}{note}")
             last = i

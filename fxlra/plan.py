@@ -193,10 +193,9 @@ class Plan:
         """The error stage in waves: a site's wave is one more than its latest parent's."""
         return self._index.wave
 
-    @property
-    def wave_sites(self):
-        """wave -> its sites, in the error order."""
-        return self._index.wave_sites
+    def in_wave(self, wave):
+        """The sites of one wave, in the error order."""
+        return tuple(self._index.wave_sites.get(wave, ()))
 
     def error_order(self):
         """Sites in an order where every parent comes before its children (outputs first)."""
