@@ -22,7 +22,8 @@ from torch import fx
 from . import bootstrap, local, rules, streams, synapses as syn
 from .codegen_updates import UpdateStage
 from .nn import PerturbativeConv2d
-from .source import Source
+from .runtime import NO_REDUCE, Fetch, over_batch  # noqa: F401 (codegen.NO_REDUCE, as before)
+from .source import Source, readable, rename, sequential_names, shape_note
 
 
 def _is_simple(value):
@@ -33,34 +34,50 @@ class Generator(UpdateStage):
     """The update program's source, stage by stage: forward, errors (here) and updates
     (``fxlra.codegen_updates``)."""
 
-    def __init__(self, gm, plan, synapse_modules, options):
+    def __init__(self, gm, plan, synapse_modules, options, *, use_kernels=False, streams=1,
+                 stream_runtime=None, devices=None, placement=None):
+        """``options``: an ``fxlra.options.Options``; where the program runs comes apart:
+        ``use_kernels`` (the Triton path), ``streams`` (their number) and ``stream_runtime``
+        (``fxlra.streams.runtime``), ``devices`` and ``placement`` (site -> device index)."""
         self.gm, self.plan, self.o = gm, plan, options
         self.synapses = synapse_modules
+        self.use_kernels, self.n_streams, self.stream_runtime = use_kernels, streams, \
+            stream_runtime
         self.modules = dict(gm.named_modules())
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.env = {"torch": torch, "operator": operator, "F": F, "local": local,
-                    "rules": rules, "syn": syn}
+                    "rules": rules, "syn": syn, "fetch": Fetch(gm), "NO_REDUCE": NO_REDUCE,
+                    "over_batch": over_batch}
         self._global_ids = {}
         self.src = Source()
         self.fallbacks = []              # op names that use torch.func on one op
         self._shared = {}                # edge key -> (shared projection part, synapse kind)
         self.update_names = []           # (parameter name, expression, variable) in order
-        self._alias = {}                 # cotangent variable -> the error it merely renames
+        self._alias = {}                 # variable never assigned -> the value it would rename
         self._opcalls = {}               # node name -> its OpCall
         self._linear_grads = {}          # (input, output error) -> grads of a Linear op
         self.stages = {}                 # stage -> its statements' (defs, uses), in order
-        self.place = dict(options.get("placement") or {})   # site -> device index (0: home)
+        self.place = dict(placement or {})   # site -> device index (0: home)
         self._copies = {}                # (variable, device index) -> its copy's name
         self._error_sq = {}              # site -> per-sample sum(e^2) from the fused kernel
         self._input_vjp = {}             # op -> its grads, which hold its input-VJP too
         self._region_of = {n: s for s in plan.sites for n in s.region}
         # error_rule="bootstrap": the sites whose carried-back error c_i the synapses fit
         self._boundary, self._free = bootstrap.boundary(gm, plan) \
-            if options["error_rule"] == "bootstrap" else (set(), ())
+            if options.error_rule == "bootstrap" else (set(), ())
         self._bootstrapped = set()       # sites whose boot_ sum is defined
         self._here = (set(), 1.0)        # (region, scale on c) of the carry being generated
         if self.place:
-            self.env["DEVICES"] = list(options["devices"])
+            self.env["DEVICES"] = list(devices)
+        self._param_ops = {}             # parametrised op (fx node) -> its ParamRules
+        for r in plan.params:
+            self._param_ops.setdefault(self.nodes[r.op], []).append(r)
+        self._uses = collections.Counter(f"model.{r.param}" for r in plan.params)
+        self._shared_parts = {}          # shared parameter -> its uses' (update, variable)
+        self._bn_stats = {n.name: f"stats_{n.name}" for n in self._param_ops
+                          if self._keeps_bn_stats(n)}
+        self.schedule = None             # the stream schedule (fxlra.streams), on n > 1 streams
+        self.rows = ()                   # the statements, stream statements included
 
     # -- names and expressions --------------------------------------------------------------------
     def glob(self, obj, hint):
@@ -72,6 +89,13 @@ class Generator(UpdateStage):
             self.env[name] = obj
             self._global_ids[key] = name
         return self._global_ids[key]
+
+    def _var(self, name):
+        """What the program reads for the variable ``name``: itself, or the value it aliases."""
+        return self._alias.get(name, name)
+
+    def _shape_note(self, name):
+        return shape_note(self.nodes.get(name))
 
     def fmt(self, arg, subst=None):
         subst = subst or {}
@@ -149,10 +173,11 @@ class Generator(UpdateStage):
             if stats:          # the batch statistics too, for the norm's update
                 self.src.add(f"{node.name}, {stats} = local.batchnorm_forward("
                              f"{self.glob(self.modules[node.target], 'm_' + node.target)}, "
-                             f"{node.args[0].name})", [node.name, stats], uses)
+                             f"{node.args[0].name})", [node.name, stats], uses,
+                             self._shape_note(node.name))
                 continue
             self.src.add(f"{node.name} = {self._kernel_call(node) or self.call(node)}",
-                         [node.name], uses)
+                         [node.name], uses, self._shape_note(node.name))
 
     def _keeps_bn_stats(self, node):
         """Whether the forward runs this op by ``local.batchnorm_forward``, keeping the batch
@@ -164,7 +189,7 @@ class Generator(UpdateStage):
     def _kernel_call(self, node):
         """A forward op computed by a fused kernel on the Triton path (the pseudo-convolution:
         relu(x + noise) formed while loading, never materialised), or None."""
-        if not (self.o.get("use_kernels") and node.op == "call_module"):
+        if not (self.use_kernels and node.op == "call_module"):
             return None
         module = self.modules[node.target]
         if not isinstance(module, PerturbativeConv2d) or len(node.args) != 1 or node.kwargs:
@@ -177,20 +202,21 @@ class Generator(UpdateStage):
         for name in self.plan.outputs:
             self.src.begin(f"error_{name}", pinned=True)
             self.src.comment(f"site {name} (output): e = "
-                             f"{'softmax(v) - onehot(y)' if o['loss'] == 'cross_entropy' else 'v - y'}")
-            self.src.add(f"target_{name} = rules.targets_for({name}, labels, {o['loss']!r})",
+                             f"{'softmax(v) - onehot(y)' if o.loss == 'cross_entropy' else 'v - y'}")
+            self.src.add(f"target_{name} = rules.targets_for({name}, labels, {o.loss!r})",
                          [f"target_{name}"], [name, "labels"])
             self.src.add(f"err_{name}, loss_{name} = rules.output_error({name}, target_{name}, "
-                         f"{o['loss']!r})", [f"err_{name}", f"loss_{name}"], [name, f"target_{name}"])
+                         f"{o.loss!r})", [f"err_{name}", f"loss_{name}"], [name, f"target_{name}"],
+                         self._shape_note(name))
             self._shared_projections(name)
         depth = self.plan.depth
-        wave, last = self._waves(), None
+        wave, last = self.plan.waves, None
         for i in self.plan.error_order():
             if i in self.plan.outputs:
                 continue
             self.src.begin(f"error_{i}")
             if wave[i] != wave.get(last):
-                peers = [s for s in self.plan.error_order() if wave.get(s) == wave[i]]
+                peers = self.plan.in_wave(wave[i])
                 note = " (independent: their parents are in earlier waves)" if peers[1:] else ""
                 self.src.comment(f"wave {wave[i]}: {', '.join(peers)}{note}")
             last = i
@@ -210,9 +236,10 @@ class Generator(UpdateStage):
                     err = self._on(f"err_{p}", k, self._dev(p))
                     terms.append(f"syn.apply({module}, {err}, {i}.shape)")
                     uses += [err]
-            self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i])
-            alpha = rules.at_depth(o["alpha"], depth[i])
-            kappa = rules.at_depth(o["kappa"], depth[i])
+            self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i],
+                         self._shape_note(i))
+            alpha = rules.at_depth(o.alpha, depth[i])
+            kappa = rules.at_depth(o.kappa, depth[i])
             if self._fused_error(site, alpha, kappa):
                 self._shared_projections(i)
                 continue
@@ -225,8 +252,8 @@ class Generator(UpdateStage):
                     else f"lambda v: {phi}"
                 uses += [a.name for a in node.all_input_nodes]
             self.src.add(f"target_{i}, err_{i} = rules.error_neurons({phi}, {h}, {z}, "
-                         f"disp_{i}, {o['beta']!r}, {alpha!r}, {kappa!r})",
-                         [f"target_{i}", f"err_{i}"], uses)
+                         f"disp_{i}, beta={o.beta!r}, alpha={alpha!r}, kappa={kappa!r})",
+                         [f"target_{i}", f"err_{i}"], uses, self._shape_note(i))
             self._shared_projections(i)
 
     def _fused_error(self, site, alpha, kappa):
@@ -234,7 +261,7 @@ class Generator(UpdateStage):
         z recomputed from h, the target never stored, sum(e^2) per sample kept for the norm).
         False when the kernels are off or the site's activation has no kernel row (its torch
         lines are emitted instead)."""
-        if not self.o.get("use_kernels"):
+        if not self.use_kernels:
             return False
         found = self._kernel_activation(site)
         if found is None:
@@ -245,7 +272,7 @@ class Generator(UpdateStage):
         values = ", ".join(self.glob(p, f"param_{i}") if isinstance(p, torch.Tensor) else repr(p)
                            for p in params)
         self.src.add(f"_, err_{i}, sq_{i} = {kern}.target_and_error({h}, {z}, disp_{i}, "
-                     f"{name!r}, beta={self.o['beta']!r}, alpha={alpha!r}, kappa={kappa!r}, "
+                     f"{name!r}, beta={self.o.beta!r}, alpha={alpha!r}, kappa={kappa!r}, "
                      f"params=({values}{',' if len(params) == 1 else ''}), "
                      f"channel_dim={site.layout.channel_dim}, with_target=False, "
                      f"recompute_z=True)", [f"err_{i}", f"sq_{i}"], [h, z, f"disp_{i}"])
@@ -271,21 +298,13 @@ class Generator(UpdateStage):
         from . import kernels          # imports Triton: only on the kernel path
         return kernels
 
-    def _waves(self):
-        """The error stage in waves: a site's wave is one more than its latest parent's."""
-        wave = {}
-        for i in self.plan.error_order():
-            parents = self.plan.parents(i)
-            wave[i] = 1 + max(wave[p] for p in parents) if parents else 0
-        return wave
-
     def _shared_projections(self, parent):
         """One matrix multiply for all dense/broadcast synapses reading the same vector error
         (not when the children live on different devices)."""
         if self.plan.site(parent).layout.kind != "vector" or self.place:
             return
-        group = [e for e in self.plan.edges if e.parent == parent and
-                 isinstance(self.synapses[e.key], syn.Synapse) and
+        group = [e for e in self.plan.edges_from(parent)
+                 if isinstance(self.synapses[e.key], syn.Synapse) and
                  self.synapses[e.key].kind in ("dense", "broadcast")]
         if len(group) < 2:
             return
@@ -301,20 +320,12 @@ class Generator(UpdateStage):
 
     # -- assembly ---------------------------------------------------------------------------------
     def generate(self):
-        self._param_ops = {}
-        self._uses = collections.Counter(f"model.{r.param}" for r in self.plan.params)
-        self._shared_parts = {}
-        for r in self.plan.params:
-            self._param_ops.setdefault(self.nodes[r.op], []).append(r)
-        self._bn_stats = {n.name: f"stats_{n.name}" for n in self._param_ops
-                          if self._keeps_bn_stats(n)}
-        self.env["fetch"] = _Fetch(self.gm)
         for stage in (self.forward, self.errors, self.updates):
             start = len(self.src.rows)
             stage()
             self.stages[stage.__name__] = [(r.defs, r.uses) for r in self.src.rows[start:]]
-        sign, _ = rules.ERROR_RULES[self.o["error_rule"]]
-        scale = {n: (sign * self.o["gamma"] if n.startswith("synapses.") else 1.0)
+        sign, _ = rules.ERROR_RULES[self.o.error_rule]
+        scale = {n: (sign * self.o.gamma if n.startswith("synapses.") else 1.0)
                  for n, _, _ in self.update_names}
         outputs = self.plan.outputs
         self.src.begin("scale", pinned=True)
@@ -326,7 +337,6 @@ class Generator(UpdateStage):
         self.src.add("torch._foreach_mul_(updates, over_batch(SCALES, batch))", [],
                      ["updates", "batch"])
         self.env["SCALES"] = [scale[n] for n, _, _ in self.update_names]
-        self.env["over_batch"] = over_batch
         home = {s.name: self._on(f"err_{s.name}", 0, self._dev(s.name)) for s in self.plan.sites}
         sq = {s: self._on(v, 0, self._dev(s)) for s, v in self._error_sq.items()}
         errors = ", ".join(f"{s!r}: {e}" for s, e in home.items())
@@ -334,54 +344,24 @@ class Generator(UpdateStage):
         self.src.add(f"return loss_{outputs[0]}, {{{errors}}}, updates, {{{sums}}}", [],
                      [f"loss_{outputs[0]}", "updates"] + list(home.values()) + list(sq.values()))
         inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder" and not n.args]
-        self.env["NO_REDUCE"] = NO_REDUCE
         header = [f"def rec_lra_updates({', '.join(inputs)}, labels, reduce=NO_REDUCE):",
                   f'    """rec-LRA updates for {type(self.gm).__name__}: {len(self.plan.sites)} '
                   f'sites, {len(self.plan.edges)} error synapse(s), wiring {self.plan.wiring}."""']
-        rows, self.schedule = self.src.rows, None
-        n = self.o.get("streams", 1)
+        rows, n = self.src.rows, self.n_streams
         if n > 1:
             self.schedule = streams.schedule(rows, self.src.blocks, n, inputs + ["labels"])
             problems = streams.verify(rows, self.schedule)
             assert not problems, problems
             rows = streams.render_rows(rows, self.src.blocks, self.schedule)
-            self.env["ST"] = self.o["stream_runtime"]
+            self.env["ST"] = self.stream_runtime
+        taken = set(self.nodes) | set(self.env)
+        new_name = readable(sequential_names(self.gm, self.modules, taken))
+        keep = {name for name in self.env if name.startswith("syn_")}   # synapses by edge key
+        rows = rename(rows, lambda name: name if name in keep else new_name(name))
+        self.env = {(k if k in keep else new_name(k)): v for k, v in self.env.items()}
         self.rows = tuple(rows)
         body = self.src.render(rows)
         return "\n".join(header + body) + "\n", [n for n, _, _ in self.update_names]
-
-
-class _Fetch:
-    """Reads a parameter, buffer or constant of the GraphModule at call time (so .to() works)."""
-
-    def __init__(self, gm):
-        self.gm = gm
-
-    def __call__(self, target):
-        obj = self.gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-
-class NoReduce:
-    """The ``reduce`` of a single process: updates stay as they are."""
-
-    def ready(self, tensors):
-        pass
-
-    def wait(self):
-        pass
-
-
-NO_REDUCE = NoReduce()
-
-
-def over_batch(scales, batch):
-    """Each update's scale divided by the batch size. A function, not a comprehension in the
-    generated code: the comprehension would make ``batch`` a closure cell, and torch.compile
-    breaks the graph where the program deletes a cell."""
-    return [s / batch for s in scales]
 
 
 @dataclass(frozen=True)
@@ -399,9 +379,10 @@ class Built:
     blocks: tuple       # the blocks the rows belong to (fxlra.source.Block)
 
 
-def build(gm, plan, synapse_modules, options):
-    """Generate, register and compile the update function (a :class:`Built`)."""
-    gen = Generator(gm, plan, synapse_modules, options)
+def build(gm, plan, synapse_modules, options, **where):
+    """Generate, register and compile the update function (a :class:`Built`); ``where``: the
+    runtime arguments of :class:`Generator` (kernels, streams, devices, placement)."""
+    gen = Generator(gm, plan, synapse_modules, options, **where)
     source, names = gen.generate()
     digest = int(hashlib.sha1(source.encode()).hexdigest()[:8], 16)
     filename = f"<fxlra-generated-{type(gm).__name__}-{digest:08x}>"

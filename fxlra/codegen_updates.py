@@ -15,7 +15,12 @@ KERNEL_GRADS = ("perturbative",)
 
 
 class UpdateStage:
-    """The updates stage of ``Generator`` (it provides ``src``, ``glob``, ``fmt``, ``plan``...)."""
+    """The updates stage of ``Generator``, which sets in its ``__init__`` everything read here:
+    the inputs ``plan``, ``o`` (Options), ``nodes``, ``modules``, ``synapses``, ``use_kernels``;
+    the output ``src`` (with ``glob``, ``fmt``, ``opcall``, ``_on``, ``_dev``); what the earlier
+    stages found: ``_param_ops``, ``_bn_stats``, ``_uses``, ``_boundary``, ``_free``,
+    ``_region_of``; and what this stage records: ``update_names``, ``fallbacks``, ``_alias``,
+    ``_linear_grads``, ``_input_vjp``, ``_shared_parts``, ``_bootstrapped``, ``_here``."""
 
     def updates(self):
         for site in self.plan.sites:
@@ -56,19 +61,19 @@ class UpdateStage:
     def _site_updates(self, site):
         region = set(site.region)
         # the region the carry below stays in, and the factor on what it leaves it with
-        self._here = (region, bootstrap.scale(site.name in self.plan.outputs, self.o["beta"]))
+        self._here = (region, bootstrap.scale(site.name in self.plan.outputs, self.o.beta))
         self.src.comment(f"site {site.name}: local updates of {', '.join(site.ops) or 'nothing'}")
         err = self._on(f"err_{site.name}", 0, self._dev(site.name))    # updates run at home
         cot = {site.name: err}
         defined = set()
         if site.kind == "activation":
             start = err
-            if self.o["local_rule"] == "dx":
+            if self.o.local_rule == "dx":
                 start = f"{err} * {self._phi_prime(site, site.h)}"
             self._cot(site.h, start, defined, [err, site.h])
         for name in reversed(site.region):
             node = self.nodes[name]
-            c = f"cot_{name}" if name in defined else cot.get(name)
+            c = self._var(f"cot_{name}") if name in defined else cot.get(name)
             if c is None:
                 continue
             if node in self._param_ops:
@@ -85,17 +90,19 @@ class UpdateStage:
         if name in self._boundary and name not in self._here[0]:
             self._bootstrap_part(name, expr, uses)
             return
+        var, note = f"cot_{name}", self._shape_note(name)
+        before = self._alias.pop(var, var)               # what cot_name reads so far
         if name in defined and expr.startswith("{"):     # parts of a tuple-valued op's output
-            self.src.add(f"cot_{name} = local.add_cotangents(cot_{name}, {expr})",
-                         [f"cot_{name}"], uses + [f"cot_{name}"])
+            self.src.add(f"{var} = local.add_cotangents({before}, {expr})", [var],
+                         uses + [before], note)
         elif name in defined:
-            self.src.add(f"cot_{name} = cot_{name} + {expr}", [f"cot_{name}"],
-                         uses + [f"cot_{name}"])
+            self.src.add(f"{var} = {before} + {expr}", [var], uses + [before], note)
         else:
-            self.src.add(f"cot_{name} = {expr}", [f"cot_{name}"], uses)
             defined.add(name)
-            if expr.isidentifier():                      # a plain alias of another error value
-                self._alias[f"cot_{name}"] = self._alias.get(expr, expr)
+            if expr.isidentifier():                      # a plain alias of another error value:
+                self._alias[var] = expr                  # later statements read that value
+            else:
+                self.src.add(f"{var} = {expr}", [var], uses, note)
 
     def _bootstrap_free(self):
         """error_rule="bootstrap": carry the collected c on through the ops no site owns
@@ -106,7 +113,7 @@ class UpdateStage:
         self._here = (set(), 1.0)                       # c is scaled already
         for name in self._free:
             if name in self._bootstrapped:
-                self._carry(self.nodes[name], f"boot_{name}", set(), set())
+                self._carry(self.nodes[name], self._var(f"boot_{name}"), set(), set())
 
     def _bootstrap_part(self, name, expr, uses):
         """Add this site's error, carried back to the value ``name`` that its region reads
@@ -115,11 +122,15 @@ class UpdateStage:
             return
         scale = self._here[1]
         part = expr if scale == 1.0 else f"{scale!r} * {expr}"
-        target = f"boot_{name}"
+        target, note = f"boot_{name}", self._shape_note(name)
         if name in self._bootstrapped:
-            self.src.add(f"{target} = {target} + {part}", [target], uses + [target])
+            before = self._alias.pop(target, target)
+            self.src.add(f"{target} = {before} + {part}", [target], uses + [before], note)
+        elif part.isidentifier():                        # a plain alias, as in _cot
+            self._alias[target] = part
+            self._bootstrapped.add(name)
         else:
-            self.src.add(f"{target} = {part}", [target], uses)
+            self.src.add(f"{target} = {part}", [target], uses, note)
             self._bootstrapped.add(name)
 
     def _carry(self, node, c, region, defined):
@@ -127,7 +138,7 @@ class UpdateStage:
         inputs = [a for a in node.all_input_nodes if a.name in region]
         if not inputs:
             return
-        signs = registry.carry_signs(node, self.modules, self.o["norm_error"])
+        signs = registry.carry_signs(node, self.modules, self.o.norm_error)
         row = self._kind(node)
         if signs is not None:
             for k, a in enumerate(node.args[:len(signs)]):
@@ -189,7 +200,7 @@ class UpdateStage:
             module = self.glob(self.modules[node.target], "m_" + node.target)
             x = node.args[0].name
             owner = "local"
-            if self.o.get("use_kernels") and self._rule(node) in KERNEL_GRADS:
+            if self.use_kernels and self._rule(node) in KERNEL_GRADS:
                 owner = self.glob(self._kernels(), "kernels")     # the fused Triton update
             stats = [self._bn_stats[node.name]] if node.name in self._bn_stats else []
             args = [module, x, c] + stats
@@ -243,7 +254,7 @@ class UpdateStage:
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             return False
         if fn is local.batchnorm_grads:
-            wanted = self.o["norm_error"] == "vjp"
+            wanted = self.o.norm_error == "vjp"
         else:
             wanted = fn in (local.conv_grads, local.linear_grads) and \
                 local.fuses_input_vjp(self.modules[node.target])
@@ -255,10 +266,10 @@ class UpdateStage:
         return registry.kind_of(node, self.modules)
 
     def _rule(self, node):
-        return next(r.rule for r in self.plan.params if r.op == node.name)
+        return self.plan.rule_at(node.name)
 
     def _synapse_updates(self):
-        sign, which = rules.ERROR_RULES[self.o["error_rule"]]
+        sign, which = rules.ERROR_RULES[self.o.error_rule]
         for edge in self.plan.edges:
             self.src.begin(f"synapse_{edge.key}")
             i, site = edge.child, self.plan.site(edge.child)
@@ -266,7 +277,8 @@ class UpdateStage:
             if which == "d":
                 c, uses = f"disp_{i}", [f"disp_{i}"]
             elif which == "bootstrap":      # least squares: d_i towards the carried-back error
-                boot = self._on(f"boot_{i}", k, 0) if i in self._bootstrapped else None
+                boot = self._on(self._var(f"boot_{i}"), k, 0) if i in self._bootstrapped \
+                    else None
                 c, uses = (f"disp_{i} - {boot}", [f"disp_{i}", boot]) if boot else \
                     (f"disp_{i}", [f"disp_{i}"])
             elif which == "z":
@@ -276,13 +288,13 @@ class UpdateStage:
                 c, uses = f"err_{i}", [f"err_{i}"]
             else:
                 h = self._on(site.h, k, 0)
-                pre = f"torch.sub({h}, disp_{i}, alpha={self.o['beta']!r})"
+                pre = f"torch.sub({h}, disp_{i}, alpha={self.o.beta!r})"
                 c = f"err_{i} * {self._phi_prime(site, pre)}"
                 uses = [f"err_{i}", h, f"disp_{i}"]
             err_parent = self._on(f"err_{edge.parent}", k, self._dev(edge.parent))
             module = self.glob(self.synapses[edge.key], f"syn_{edge.key}")
             target = f"synapse_grads_{edge.key}"
-            self.src.comment(f"error synapse {edge.parent} -> {i} ({self.o['error_rule']})")
+            self.src.comment(f"error synapse {edge.parent} -> {i} ({self.o.error_rule})")
             shared = self._linear_grads.get((i, f"err_{edge.parent}")) if k == 0 else None
             if which == "z" and edge.synapse == "dense" and shared is not None:
                 # z_i^T e_j is the transpose of the weight update of the Linear that reads z_i

@@ -13,22 +13,13 @@ import math
 import torch
 from torch import nn
 
-from .errors import InputError, NumericalError, OptionError
+from .errors import InputError, NumericalError
 
 # nonfinite option -> whether the step checks, and what it does when a value is not finite
 NONFINITE = {"raise": "raise", "skip": "skip", "unchecked": None}
 
 # module types whose forward writes into their own buffers in train mode
 MUTATING = (nn.modules.batchnorm._NormBase,)
-
-
-def check_options(nonfinite, max_skips):
-    if nonfinite not in NONFINITE:
-        raise OptionError(f"nonfinite={nonfinite!r} is not supported; choose one of "
-                          f"{list(NONFINITE)}")
-    if not isinstance(max_skips, int) or isinstance(max_skips, bool) or max_skips < 1:
-        raise OptionError(f"max_skips must be an int >= 1 (consecutive skipped steps allowed "
-                          f"before the run stops), got {max_skips!r}")
 
 
 def mutable_buffers(model):

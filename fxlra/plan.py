@@ -83,8 +83,29 @@ class Edge:
         return f"{self.parent}__to__{self.child}"
 
 
+def _tuples(lists):
+    return {k: tuple(v) for k, v in lists.items()}
+
+
 def _frozen_mapping(pairs):
     return MappingProxyType(dict(pairs))
+
+
+@dataclass
+class _Lookups:
+    """A Plan's queries as dicts, built once by ``Plan.__post_init__``."""
+    sites: dict          # name -> Site
+    parents: dict        # site -> the sites whose errors it receives, in the order of the edges
+    children: dict       # site -> the sites it sends its error to
+    edge: dict           # (parent, child) -> Edge
+    edges_from: dict     # parent -> its Edges
+    position: dict       # site -> its forward position
+    rules: dict          # site -> its ParamRules
+    op_rule: dict        # op -> the rule of its first parameter
+    order: tuple = None  # the error order (None: the error graph has a cycle)
+    depth: object = None  # site -> depth
+    wave: dict = field(default_factory=dict)        # site -> its wave of the error stage
+    wave_sites: dict = field(default_factory=dict)  # wave -> its sites, in the error order
 
 
 @dataclass(frozen=True)
@@ -96,52 +117,63 @@ class Plan:
     wiring: str                      # how the error graph was made ("residual", "custom", ...)
     blocks: tuple = ()               # Block, one per residual merge, in forward order
     _index: object = field(default=None, repr=False, compare=False)
-    _lookup: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        """Index the sites, their positions and the edges once: every query is a dict lookup
-        (a scan per query made compiling DenseNet-121 quadratic in its 120 sites)."""
-        index = {s.name: s for s in self.sites}
-        object.__setattr__(self, "_index", index)
-        parents, children = {}, {}
+        """Every lookup built once, as dicts: a query is a dict read (a scan per query made
+        compiling DenseNet-121 quadratic in its 120 sites)."""
+        parents, children, rules, from_parent = {}, {}, {}, {}
         for e in self.edges:
             parents.setdefault(e.child, []).append(e.parent)
             children.setdefault(e.parent, []).append(e.child)
-        object.__setattr__(self, "_lookup", {
-            "parents": {k: tuple(v) for k, v in parents.items()},
-            "children": {k: tuple(v) for k, v in children.items()},
-            "edge": {(e.parent, e.child): e for e in self.edges},
-            "position": {s.name: k for k, s in enumerate(self.sites)},
-            "rules": {}})
+            from_parent.setdefault(e.parent, []).append(e)
         for r in self.params:
-            self._lookup["rules"].setdefault(r.site, []).append(r)
+            rules.setdefault(r.site, []).append(r)
+        lookups = _Lookups(
+            sites={s.name: s for s in self.sites}, parents=_tuples(parents),
+            children=_tuples(children), edge={(e.parent, e.child): e for e in self.edges},
+            edges_from=_tuples(from_parent), position={s.name: k for k, s in enumerate(self.sites)},
+            rules=_tuples(rules), op_rule={r.op: r.rule for r in reversed(self.params)})
+        object.__setattr__(self, "_index", lookups)
+        lookups.order = self._error_order()
+        lookups.depth = self._depth()
+        for name in lookups.order or ():       # a site's wave: one more than its latest parent's
+            parents = self.parents(name)
+            wave = 1 + max(lookups.wave[p] for p in parents) if parents else 0
+            lookups.wave[name] = wave
+            lookups.wave_sites.setdefault(wave, []).append(name)
 
     # -- queries ----------------------------------------------------------------------------
     def site(self, name):
-        return self._index[name]
+        return self._index.sites[name]
 
     @property
     def site_names(self):
         return tuple(s.name for s in self.sites)
 
     def parents(self, name):
-        return self._lookup["parents"].get(name, ())
+        return self._index.parents.get(name, ())
 
     def children(self, name):
-        return self._lookup["children"].get(name, ())
+        return self._index.children.get(name, ())
 
     def edge(self, parent, child):
-        found = self._lookup["edge"].get((parent, child))
+        found = self._index.edge.get((parent, child))
         if found is None:
             raise KeyError(f"no error synapse {parent} -> {child}")
         return found
 
+    def edges_from(self, parent):
+        """The error synapses that read ``parent``'s error, in the order of ``edges``."""
+        return self._index.edges_from.get(parent, ())
+
+    def rule_at(self, op):
+        """The rule of the first parameter the op ``op`` updates."""
+        return self._index.op_rule[op]
+
     @property
     def depth(self):
         """Shortest number of error synapses from an output site, for every site."""
-        if "depth" not in self._lookup:
-            self._lookup["depth"] = self._depth()
-        return self._lookup["depth"]
+        return self._index.depth
 
     def _depth(self):
         depth = {name: 0 for name in self.outputs}
@@ -156,30 +188,38 @@ class Plan:
             frontier = nxt
         return _frozen_mapping((s.name, depth.get(s.name)) for s in self.sites)
 
+    @property
+    def waves(self):
+        """The error stage in waves: a site's wave is one more than its latest parent's."""
+        return self._index.wave
+
+    def in_wave(self, wave):
+        """The sites of one wave, in the error order."""
+        return tuple(self._index.wave_sites.get(wave, ()))
+
     def error_order(self):
         """Sites in an order where every parent comes before its children (outputs first)."""
-        if "order" not in self._lookup:
-            self._lookup["order"] = self._error_order()
-        return self._lookup["order"]
+        if self._index.order is None:
+            raise AssertionError("error graph has a cycle; Plan.verify should have caught it")
+        return self._index.order
 
     def _error_order(self):
+        """The order, wave by wave (a site is ready once all its parents are placed; each
+        wave latest site first); None when the error graph has a cycle."""
         done, order = set(), []
         pending = [s.name for s in self.sites]
         while pending:
             ready = [n for n in pending if all(p in done for p in self.parents(n))]
             if not ready:
-                raise AssertionError("error graph has a cycle; Plan.verify should have caught it")
-            for n in sorted(ready, key=self._position, reverse=True):
+                return None
+            for n in sorted(ready, key=self._index.position.__getitem__, reverse=True):
                 order.append(n)
                 done.add(n)
             pending = [n for n in pending if n not in done]
         return tuple(order)
 
-    def _position(self, name):
-        return self._lookup["position"][name]
-
     def rules_of(self, site):
-        return tuple(self._lookup["rules"].get(site, ()))
+        return self._index.rules.get(site, ())
 
     # -- checks -------------------------------------------------------------------------------
     def verify(self):
@@ -198,13 +238,13 @@ class Plan:
         uses = [(r.param, r.op) for r in self.params]
         assert len(set(uses)) == len(uses), "a parameter has two rules at one op"
         for r in self.params:
-            assert r.site in self._index, f"{r.param}: unknown site {r.site}"
-            assert r.op in self._index[r.site].ops, f"{r.param}: op {r.op} not in {r.site}"
+            assert r.site in self._index.sites, f"{r.param}: unknown site {r.site}"
+            assert r.op in self._index.sites[r.site].ops, f"{r.param}: op {r.op} not in {r.site}"
         for e in self.edges:
-            assert e.parent in self._index and e.child in self._index, f"edge {e.key}: unknown site"
+            assert e.parent in self._index.sites and e.child in self._index.sites, f"edge {e.key}: unknown site"
             assert e.child not in self.outputs, f"edge {e.key}: outputs take no displacement"
         for b in self.blocks:
-            assert b.output in self._index, f"block output {b.output} is not a site"
+            assert b.output in self._index.sites, f"block output {b.output} is not a site"
         for s in self.sites:
             if s.name not in self.outputs:
                 assert self.parents(s.name), f"site {s.name} has no parent in the error graph"

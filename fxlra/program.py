@@ -4,12 +4,14 @@ model's forward as ``prog(x)``.
 """
 import collections
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
 from . import codegen, graphs, health, paths, reference, rules, streams
 from .errors import InputError, OptionError, WiringError
+from .options import KERNEL_CHOICES  # noqa: F401 (fxlra.program.KERNEL_CHOICES, as before)
 
 
 @dataclass
@@ -25,14 +27,17 @@ class Program(nn.Module):
     """A model compiled for rec-LRA training. ``prog.parameters()`` are the model's parameters
     followed by the error synapses'; ``step`` writes their updates into ``.grad``."""
 
-    def __init__(self, model, graph_module, plan, graph, synapse_modules, options):
+    def __init__(self, model, graph_module, plan, graph, synapse_modules, options, *,
+                 devices=None, placement=None):
         super().__init__()
         self.model = model
         self.synapses = nn.ModuleDict(synapse_modules)
         object.__setattr__(self, "graph_module", graph_module)
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "_wiring", graph)
-        self.options = dict(options)
+        self._options = options     # fxlra.options.Options
+        self._devices = devices     # with devices=: the devices, the model's first
+        self._placement = placement  # with devices=: site -> device index (0: the model's)
         self._built_for = None      # the device the update program was generated for
         self._build()
         object.__setattr__(self, "_by_name", dict(self.named_parameters()))
@@ -47,14 +52,15 @@ class Program(nn.Module):
         """Generate the update program for the device the model is on: Triton kernels on CUDA
         (``kernels="auto"``) or wherever they can run (``"triton"``), torch ops otherwise."""
         device = next(self.parameters()).device
-        use = _use_kernels(self.options["kernels"], device)
-        n = streams.resolve(self.options["streams"], device, "placement" in self.options)
+        o = self._options
+        n = streams.resolve(o.streams, device, self._placement is not None)
         self._streams = streams.runtime(device, n)
-        backend = graphs.backend_for(device) if self.options["cuda_graph"] else None
+        backend = graphs.backend_for(device) if o.cuda_graph else None
         self._graphs = graphs.GraphCache(backend) if backend is not None else None
-        built = codegen.build(self.graph_module, self.plan, dict(self.synapses.items()),
-                              dict(self.options, use_kernels=use, streams=n,
-                                   stream_runtime=self._streams))
+        built = codegen.build(self.graph_module, self.plan, dict(self.synapses.items()), o,
+                              use_kernels=_use_kernels(o.kernels, device),
+                              stream_runtime=self._streams, streams=n, devices=self._devices,
+                              placement=self._placement)
         self._built = built
         self._built_for = device
 
@@ -63,8 +69,7 @@ class Program(nn.Module):
         (the kernel path depends on it)."""
         out = super()._apply(fn, *args, **kwargs)
         if self._built_for is not None and next(self.parameters()).device != self._built_for:
-            self.options.pop("placement", None)      # everything is on one device now
-            self.options.pop("devices", None)
+            self._placement = self._devices = None    # everything is on one device now
             self._build()
         elif getattr(self, "_graphs", None) is not None:   # graphs would read the old tensors
             self._graphs = graphs.GraphCache(self._graphs.backend)
@@ -78,6 +83,14 @@ class Program(nn.Module):
         self.steps, self.skips = int(state["steps"]), int(state["skips"])
 
     # -- what users read --------------------------------------------------------------------------
+    @property
+    def options(self):
+        """The options, read-only: every ``fxlra.options.Options`` field, and with ``devices=``
+        the devices and the placement (site -> device index) until the program moves."""
+        placed = {} if self._placement is None else {"devices": self._devices,
+                                                     "placement": self._placement}
+        return MappingProxyType({**self._options, **placed})
+
     @property
     def sites(self):
         """Site names in forward order, the output last."""
@@ -115,20 +128,20 @@ class Program(nn.Module):
         for e in self.plan.edges:
             for name, _ in self.synapses[e.key].named_parameters():
                 lines.append(f"synapses.{e.key}.{name:<12} {e.child:<22} "
-                             f"{'synapse-' + self.options['error_rule']:<12} {e.parent}")
+                             f"{'synapse-' + self._options.error_rule:<12} {e.parent}")
         carried = [n for n in self.fallbacks if n not in {r.op for r in self.plan.params}]
         if carried:
             lines.append(f"Errors are carried back through {', '.join(carried)} by that op's own "
                          "local VJP (torch.func; fxlra has no explicit rule for it).")
-        if self.options["error_rule"] == "bootstrap" and self.plan.edges:
+        if self._options.error_rule == "bootstrap" and self.plan.edges:
             lines.append("error_rule='bootstrap': each error synapse is fitted (least squares) to "
                          "the error of the sites that read its child site, carried back to the "
                          "child by those sites' own local VJP; that carried error trains the "
                          "synapse only and updates no parameter of the model.")
         if crossed:
-            unit = "stage of at most two residual blocks" if self.options["scope"] == "stage" \
+            unit = "stage of at most two residual blocks" if self._options.scope == "stage" \
                 else "residual block"
-            lines.append(f"scope={self.options['scope']!r} (the paper's hybrid): the parameters "
+            lines.append(f"scope={self._options.scope!r} (the paper's hybrid): the parameters "
                          f"marked 'block-local VJP' are updated by the local VJP of their {unit}, "
                          "from its output's error, through the activations "
                          f"{', '.join(a for c in crossed.values() for a in c)} inside it (backprop "
@@ -205,7 +218,7 @@ class Program(nn.Module):
                                  f"move them with .to({str(like.device)!r})")
         out = self.plan.site(self.plan.outputs[0]).layout
         for t in inputs:
-            rules.check_batch(t, y, out, self.options["loss"])
+            rules.check_batch(t, y, out, self._options.loss)
         return inputs
 
     def reference_signals(self, x, y):
@@ -213,7 +226,7 @@ class Program(nn.Module):
         inputs = self._check_input(x, y)
         edges = {e.key: self.synapses[e.key] for e in self.plan.edges}
         return reference.compute_updates(self.graph_module, self.plan, edges, inputs, y,
-                                         self.options)
+                                         self._options)
 
     def reference_updates(self, x, y):
         """The reference interpreter's raw updates, keyed like ``updates``."""
@@ -229,7 +242,7 @@ class Program(nn.Module):
         forward wrote and turn a failure caused by the batch's shape or dtype into an
         InputError. Returns (loss, errors, updates, error norms, update norms), snapshot."""
         inputs = self._check_input(x, y)
-        graphed = step and self.options["cuda_graph"]
+        graphed = step and self._options.cuda_graph
         if graphed:
             graphs.check_usable(self._graphs, self._built_for, self.reducer)
         buffers = health.mutable_buffers(self.model)
@@ -273,8 +286,8 @@ class Program(nn.Module):
     def _finish_step(self, out, snapshot, x):   # a traced copy would recompile for each value
         """Check, re-project and accumulate one step's updates (``step``'s host side)."""
         loss, errors, updates, error_norms, update_norms = out
-        policy = health.NONFINITE[self.options["nonfinite"]]
-        graphed = self.options["cuda_graph"]     # outputs are overwritten by the next replay
+        policy = health.NONFINITE[self._options.nonfinite]
+        graphed = self._options.cuda_graph     # outputs are overwritten by the next replay
         with torch.no_grad():
             if graphed:
                 loss, error_norms = loss.clone(), error_norms.clone()
@@ -283,16 +296,16 @@ class Program(nn.Module):
                 snapshot.restore()
                 site, what = health.first_bad_site(self.plan, loss, errors, error_norms,
                                                    self._update_names, updates, update_norms)
-                if policy == "skip" and self.skips < self.options["max_skips"]:
+                if policy == "skip" and self.skips < self._options.max_skips:
                     self.skips += 1
                     self.steps += 1
                     return StepResult(loss, self._discrepancies(errors, error_norms, x), True)
                 raise health.nonfinite_error(self.steps + 1, site, what, self.skips)
             params = [self._by_name[n] for n in self._update_names]
             if host is not None:           # the norms are on the host already: no more syncs
-                rules.reproject_known(updates, self.options["clip"], host[1 + len(errors):])
+                rules.reproject_known(updates, self._options.clip, host[1 + len(errors):])
             else:
-                rules.reproject_all(updates, self.options["clip"], update_norms)
+                rules.reproject_all(updates, self._options.clip, update_norms)
             rules.accumulate_grads(params, updates, copy=graphed)
         self.steps += 1
         self.skips = 0
@@ -302,9 +315,6 @@ class Program(nn.Module):
     def _discrepancies(errors, norms, x):
         batch = (x[0] if isinstance(x, tuple) else x).shape[0]
         return dict(zip(errors, (norms * norms / batch).unbind()))
-
-
-KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
 def _with_norms(loss, errors, updates, error_sq):
@@ -346,9 +356,8 @@ def _kernels_available(device):
 
 
 def _use_kernels(choice, device):
-    if choice not in KERNEL_CHOICES:
-        raise OptionError(f"kernels={choice!r} is not supported; choose one of "
-                          f"{list(KERNEL_CHOICES)}")
+    """Whether the program takes the Triton path for ``kernels=choice`` (checked by
+    ``fxlra.options.check``) on ``device``."""
     if choice == "triton" and not _kernels_available(device):
         raise OptionError(f"kernels='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
                           f"set before torch is imported); the model is on {device}. Use "

@@ -115,8 +115,8 @@ class _Run:
 
     def compute_error_neurons(self, y, sig):
         for name, v in zip(self.plan.outputs, sig.outputs):
-            target = rules.targets_for(v, y, self.o["loss"])
-            e, loss = rules.output_error(v, target, self.o["loss"])
+            target = rules.targets_for(v, y, self.o.loss)
+            e, loss = rules.output_error(v, target, self.o.loss)
             sig.errors[name] = e
             if name == self.plan.outputs[0]:
                 sig.loss = loss
@@ -133,9 +133,9 @@ class _Run:
             site, z = self.plan.site(i), self.env[i]
             d = sum(syn.apply(self.synapses[self.plan.edge(p, i).key], sig.errors[p], z.shape)
                     for p in parents)
-            target = phi(site, self.env, self.modules, self.nodes, self.env[site.h] - self.o["beta"] * d)
+            target = phi(site, self.env, self.modules, self.nodes, self.env[site.h] - self.o.beta * d)
             depth = self.depth[i]
-            alpha, kappa = rules.at_depth(self.o["alpha"], depth), rules.at_depth(self.o["kappa"], depth)
+            alpha, kappa = rules.at_depth(self.o.alpha, depth), rules.at_depth(self.o.kappa, depth)
             sig.displacements[i], sig.targets[i] = d, target
             sig.errors[i] = rules.inner_error(z, target, alpha, kappa)
             self.compute_signals(i, sig)
@@ -149,7 +149,7 @@ class _Run:
         region = set(site.region)
         reach = region | set(boundary)
         start = e
-        if site.kind == "activation" and self.o["local_rule"] == "dx":
+        if site.kind == "activation" and self.o.local_rule == "dx":
             start = e * phi_prime(site, self.env, self.modules, self.nodes, self.env[site.h])
         cot = {site.name: e}
         for name in reversed(site.region):
@@ -183,7 +183,7 @@ class _Run:
         inputs = [a for a in node.all_input_nodes if a.name in region]
         if not inputs:
             return []
-        signs = None if crossing else registry.carry_signs(node, self.modules, self.o["norm_error"])
+        signs = None if crossing else registry.carry_signs(node, self.modules, self.o.norm_error)
         if signs is not None:
             out = []
             for k, a in enumerate(node.args[:len(signs)]):
@@ -237,7 +237,7 @@ class _Run:
                            list(leaves.values()), c)
 
     def synapse_updates(self, sig, batch):
-        sign, which = rules.ERROR_RULES[self.o["error_rule"]]
+        sign, which = rules.ERROR_RULES[self.o.error_rule]
         updates = {}
         for edge in self.plan.edges:
             i, site = edge.child, self.plan.site(edge.child)
@@ -248,14 +248,14 @@ class _Run:
             elif which == "z":
                 c = self.env[i]
             else:
-                pre = self.env[site.h] - self.o["beta"] * sig.displacements[i]
+                pre = self.env[site.h] - self.o.beta * sig.displacements[i]
                 c = sig.errors[i] * phi_prime(site, self.env, self.modules, self.nodes, pre)
             module = self.synapses[edge.key]
             local = {n: p.detach().requires_grad_() for n, p in module.named_parameters()}
             e_j, shape = sig.errors[edge.parent].detach(), self.env[i].shape
             grads = _local_grad(
                 lambda: syn.apply(module, e_j, shape, local), list(local.values()), c)
-            updates[edge.key] = {n: sign * self.o["gamma"] * g / batch
+            updates[edge.key] = {n: sign * self.o.gamma * g / batch
                                  for n, g in zip(local, grads)}
         return updates
 
@@ -269,13 +269,13 @@ def compute_updates(gm, plan, synapses, x, y, options):
         sig = Signals(loss=None, outputs=outputs)
         run.compute_error_neurons(y, sig)
         batch = outputs[0].shape[0]
-        reach, free = bootstrap.boundary(gm, plan) if options["error_rule"] == "bootstrap" \
+        reach, free = bootstrap.boundary(gm, plan) if options.error_rule == "bootstrap" \
             else ((), ())
         for site in plan.sites:
             cot = run.carry(site, sig.errors[site.name], reach)
             for name, u in run.param_updates(site, cot, batch).items():
                 sig.params[name] = sig.params.get(name, 0) + u
-            scale = bootstrap.scale(site.name in plan.outputs, options["beta"])
+            scale = bootstrap.scale(site.name in plan.outputs, options.beta)
             for name in set(reach) - set(site.region):
                 if isinstance(cot.get(name), torch.Tensor):
                     run._add(sig.bootstrap, name, scale * cot[name])

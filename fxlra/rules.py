@@ -6,7 +6,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError, OptionError
+from .errors import InputError
 
 LOSSES = ("cross_entropy", "mse")
 LOCAL_RULES = ("hebbian", "dx")
@@ -15,34 +15,6 @@ LOCAL_RULES = ("hebbian", "dx")
 ERROR_RULES = {"hebbian-d": (-1.0, "d"), "hebbian-z": (1.0, "z"), "derived": (-1.0, "derived"),
                "bootstrap": (1.0, "bootstrap")}
 OUTPUT_PHI = {"cross_entropy": "softmax", "mse": "identity"}
-
-
-def check_options(loss, local_rule, error_rule, beta, gamma, alpha, kappa, clip, error_init_std):
-    """Raise OptionError naming the first bad option; nothing is built before this passes."""
-    choices = (("loss", loss, LOSSES), ("local_rule", local_rule, LOCAL_RULES),
-               ("error_rule", error_rule, tuple(ERROR_RULES)))
-    for name, value, allowed in choices:
-        if value not in allowed:
-            raise OptionError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
-    for name, value in (("beta", beta), ("gamma", gamma), ("error_init_std", error_init_std)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise OptionError(f"{name} must be a number, got {value!r}")
-    if error_init_std < 0:
-        raise OptionError(f"error_init_std must be >= 0, got {error_init_std!r}")
-    for name, value in (("alpha", alpha), ("kappa", kappa)):
-        values = value.values() if isinstance(value, Mapping) else [value]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise OptionError(f"{name} must be a number or a mapping depth -> number, got {value!r}")
-        if isinstance(value, Mapping) and not all(isinstance(k, int) and k >= 1 for k in value):
-            raise OptionError(f"{name}'s keys are error-graph depths (ints >= 1), got {list(value)}")
-    if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
-        raise OptionError(f"clip must be a positive number or None, got {clip!r}")
-
-
-def check_choice(name, value, allowed):
-    """Raise OptionError unless ``value`` is one of ``allowed``."""
-    if not isinstance(value, str) or value not in allowed:
-        raise OptionError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
 
 
 def at_depth(value, depth):
