@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import OptionError
+from . import shapes
+from .errors import OptionError, WiringError
 from .local import compute_dtype
+from .plan import Edge
 
 KIND_BY_LAYOUT = {("vector", "vector"): "dense", ("vector", "spatial"): "broadcast",
                   ("spatial", "spatial"): "pointwise", ("spatial", "vector"): "pool"}
@@ -241,3 +243,30 @@ def apply(synapse, e, shape, params=None):
         raise OptionError(f"error synapse {type(synapse).__name__} returned shape "
                           f"{tuple(d.shape)} but its child site has shape {tuple(shape)}")
     return d
+
+
+def _node(gm, name):
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def build_edges(plan_sites, graph, overrides, std, gm=None, map_synapse="spatial"):
+    """Edges of the error graph with their synapse modules, in a deterministic order."""
+    index = {s.name: s for s in plan_sites}
+    position = {s.name: k for k, s in enumerate(plan_sites)}
+    pairs = sorted(graph.edges(), key=lambda e: (position[e[1]], position[e[0]]))
+    overrides = dict(overrides or {})
+    unknown = [k for k in overrides if tuple(k) not in set(pairs)]
+    if unknown:
+        raise WiringError(f"synapses= names edges {unknown} that are not in the error graph")
+    edges, modules = [], {}
+    for parent, child in pairs:
+        override = overrides.get((parent, child))
+        shape = shapes.shape_of(_node(gm, child)) if gm is not None else None
+        module = make(index[parent].layout, index[child].layout, std, override, shape,
+                          map_synapse)
+        kind = module.kind if isinstance(module, Synapse) else "custom"
+        edge = Edge(parent, child, kind, index[parent].layout.channels,
+                    index[child].layout.channels)
+        edges.append(edge)
+        modules[edge.key] = module
+    return tuple(edges), modules
