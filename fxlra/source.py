@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import shapes
 
-WIDTH = 100         # the longest line rendering makes of a comment or a ``del``
+WIDTH = 100         # the longest line rendering makes (a single argument may be longer)
 
 
 @dataclass
@@ -63,10 +63,8 @@ class Source:
             if text.startswith("# "):
                 lines += textwrap.wrap(text, WIDTH - 4, initial_indent="    ",
                                        subsequent_indent="    # ", break_long_words=False)
-            elif row.note and len(text) + len(row.note) + 7 <= WIDTH:
-                lines.append(f"    {text}  # {row.note}")
             else:
-                lines.append("    " + text)
+                lines += ["    " + line for line in _wrapped(text, row.note)]
             if dead and not text.startswith("return "):
                 lines += ["    " + line for line in _wrapped_del(dead)]
         return lines
@@ -84,6 +82,31 @@ def _unpack_unused(row, dead):
         return row.text, dead
     target = ", ".join("_" if n in unused else n for n in names).rstrip()
     return f"{target} = {value}", [v for v in dead if v not in unused]
+
+
+def _wrapped(text, note=""):
+    """A statement as lines at most WIDTH wide once indented: broken after the commas inside its
+    brackets (which keep it one statement), continuation lines 4 spaces deeper; the note (the
+    value's shape) trails the last line where it fits."""
+    cuts, depth = [], 0
+    if len(text) + 4 > WIDTH:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.OP and tok.string in "([{":
+                depth += 1
+            elif tok.type == tokenize.OP and tok.string in ")]}":
+                depth -= 1
+            elif tok.type == tokenize.OP and tok.string == "," and depth:
+                cuts.append(tok.end[1])
+    pieces = [text[a:b].strip() for a, b in zip([0] + cuts, cuts + [len(text)])]
+    lines = [pieces[0]]
+    for piece in pieces[1:]:
+        if len(lines[-1]) + len(piece) + 5 <= WIDTH:
+            lines[-1] += " " + piece
+        else:
+            lines.append("    " + piece)
+    if note and len(lines[-1]) + len(note) + 8 <= WIDTH:
+        lines[-1] += f"  # {note}"
+    return lines
 
 
 def _wrapped_del(names):
