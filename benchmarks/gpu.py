@@ -1,7 +1,8 @@
-"""GPU benchmark of fxlra's Triton kernels and of the training step (DESIGN.md section 3): first
-correctness (every kernel on the GPU equals its plain-torch reference on the CPU, within the
-tolerances of TOLERANCES), then CUDA-event timings (medians after warm-up, L2 flushed before each
-kernel timing) written as JSON with the hardware, versions, dtype, batch sizes and commit:
+"""GPU benchmark of fxlra's Triton kernels and of the training step (docs/design.md section 3):
+CUDA-event timings (medians after warm-up, L2 flushed before each kernel timing) written as JSON
+with the hardware, versions, dtype, batch sizes and commit. Correctness is the tests' (``pytest
+-m cuda`` on the GPU: every kernel against its reference, at these stage shapes too, the step on
+streams and replayed as a CUDA graph against the eager one-stream step):
 
   pseudo_conv     ResNet-18's four stage shapes (batch 256, bf16, channels_last): the fused
                   pseudo-convolution against the materialised torch layer and cuDNN's 3x3 conv,
@@ -24,8 +25,7 @@ Usage:
     python benchmarks/gpu.py --cpu-smoke     # tiny shapes on the CPU, Triton's interpreter
 
 ``--cpu-smoke`` runs every section at tiny shapes (torch.compile's "eager" backend) so the
-script itself is checked on a machine without a GPU; its timings mean nothing. Exit status 1
-when a correctness check fails.
+script itself is checked on a machine without a GPU; its timings mean nothing.
 """
 import os
 import sys
@@ -58,21 +58,9 @@ from fxlra import local, models, rules                              # noqa: E402
 from fxlra.nn import LEAF_MODULES, PerturbativeConv2d               # noqa: E402
 from step_cpu import median_ms                   # the wall-clock timer  # noqa: E402
 
-NOMINAL_BANDWIDTH = 4.2e12           # bytes/s, H200 HBM3e (DESIGN.md section 3)
+NOMINAL_BANDWIDTH = 4.2e12           # bytes/s, H200 HBM3e (docs/design.md section 3)
 STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]                 # ResNet-18: channels, size
-# relative error max|got - want| / max|want| allowed, by check, with the reason
-TOLERANCES = {
-    "target_error/bfloat16": 1e-2,   # one bf16 rounding of nearly equal float32 values
-    "target_error/float32": 1e-5,    # exp/erf and FMA differ by a few ulp
-    "pseudo_conv/bfloat16": 1e-2,    # same bf16 operands, float32 sums in another order, bf16 out
-    "pseudo_conv/float32": 1e-4,     # IEEE float32 dots, sums in another order
-    "update/bfloat16": 1e-3,         # float32 sums of bf16 products over B*H*W terms
-    "update/float32": 1e-4,
-    "reproject/float32": 1e-5,
-    "program/streams": 1e-5,         # the same ops on other streams (cuBLAS may pick another algo)
-    "program/cuda_graph": 1e-4,      # the same ops replayed; cuDNN may pick another algo
-}
-TARGETS = {  # DESIGN.md section 3
+TARGETS = {  # docs/design.md section 3
     "pseudo_conv fused_*_over_floor": "<= 1.3",
     "target_error *_fraction_of_copy": ">= 0.7",
     "steps resnet18 fxlra_over_backprop_compiled": "<= 0.7",
@@ -164,107 +152,6 @@ def free():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def rel_error(got, want):
-    got, want = got.detach().float().cpu(), want.detach().float().cpu()
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
-
-
-# -- correctness ----------------------------------------------------------------------------------
-def correctness(device, smoke):
-    """Every kernel on ``device`` against its reference on the CPU, same (rounded) inputs."""
-    checks, batch = {}, 2 if smoke else 4
-    dtypes = [torch.float32] if smoke else [torch.bfloat16, torch.float32]
-    stages = [(c // 16, max(s // 8, 3)) for c, s in STAGES] if smoke else STAGES
-    names = ["relu", "tanh", "gelu", "sign"] if smoke else ["relu", "tanh", "gelu", "silu",
-                                                             "sigmoid", "sign", "leaky_relu"]
-    gen = torch.Generator().manual_seed(0)
-
-    def check(key, tol_key, got, want):
-        err = rel_error(got, want)
-        checks[key] = {"rel_error": err, "tolerance": TOLERANCES[tol_key],
-                       "ok": err <= TOLERANCES[tol_key]}
-
-    for dtype in dtypes:
-        tag = str(dtype).replace("torch.", "")
-        for c, s in stages:
-            h, d = (torch.randn(batch, c, s, s, generator=gen).to(dtype) for _ in range(2))
-            for name in names:
-                z = K.ACTIVATIONS[name].torch_fn(h.float()).to(dtype)
-                on = [t.to(device).contiguous(memory_format=torch.channels_last) for t in (h, z, d)]
-                for dkind, dd in (("dense", on[2]), ("channel", on[2][:, :, 0, 0].contiguous())):
-                    y, e, sq = K.target_and_error(*on[:2], dd, name, beta=0.3, alpha=0.8,
-                                                  kappa=1.2)
-                    yr, er, sqr = K.target_and_error_ref(h, z, dd.cpu(), name, beta=0.3,
-                                                         alpha=0.8, kappa=1.2)
-                    key = f"target_error/{tag}/{c}x{s}/{name}/{dkind}"
-                    for part, got, want in (("y", y, yr), ("e", e, er), ("sq", sq, sqr)):
-                        check(f"{key}/{part}", f"target_error/{tag}", got, want)
-            # float32 (IEEE dots, slow to compile) at the first and last stage, one mask
-            if dtype == torch.float32 and not smoke and (c, s) not in (stages[0], stages[-1]):
-                continue
-            for nmasks in (1, 2) if dtype != torch.float32 or smoke else (1,):
-                m = PerturbativeConv2d(c, c, nmasks, seed=c).to(device)
-                x = torch.randn(batch, c, s, s, generator=gen).to(dtype)
-                xd = x.to(device).contiguous(memory_format=torch.channels_last)
-                noise = m.masks(s, s, xd)
-                key = f"pseudo_conv/{tag}/{c}x{s}/nmasks{nmasks}"
-                check(key + "/forward", f"pseudo_conv/{tag}",
-                      K.pseudo_conv_forward(xd, noise, m.weight, nmasks),
-                      K.pseudo_conv_forward_ref(x, noise.cpu(), m.weight.cpu(), nmasks))
-                e = torch.randn(batch, c, s, s, generator=gen).to(dtype)
-                ed = e.to(device).contiguous(memory_format=torch.channels_last)
-                dw, db = K.pseudo_conv_update(xd, noise, ed, nmasks, bias=True, scale=1 / batch)
-                dwr, dbr = K.pseudo_conv_update_ref(x, noise.cpu(), e, nmasks, bias=True,
-                                                    scale=1 / batch)
-                check(key + "/update_weight", f"update/{tag}", dw, dwr)
-                check(key + "/update_bias", f"update/{tag}", db, dbr)
-    updates = [torch.randn(p.shape, generator=gen) * 0.1 for p in
-               models.mlp(2, 16, in_features=8).parameters()] + [torch.zeros(3, 3)]
-    got = [u.to(device) for u in updates]
-    K.reproject_(got, 0.5)
-    want = K.reproject_ref([u.clone() for u in updates], 0.5)
-    fxlra_way = rules.reproject_all([u.clone() for u in updates], 0.5)
-    for k, (g, w, f) in enumerate(zip(got, want, fxlra_way)):
-        check(f"reproject/float32/{k}", "reproject/float32", g, w)
-        check(f"reproject/float32/{k}/vs_rules", "reproject/float32", g, f)
-    program_checks(device, smoke, check)
-    ok = all(v["ok"] for v in checks.values())
-    worst = max(checks.items(), key=lambda kv: kv[1]["rel_error"] / kv[1]["tolerance"])
-    print(f"correctness: {len(checks)} checks, {'all within' if ok else 'SOME OUTSIDE'} "
-          f"tolerance; worst {worst[0]} {worst[1]['rel_error']:.2e} (tol "
-          f"{worst[1]['tolerance']:.0e})")
-    return {"ok": ok, "checks": checks}
-
-
-def program_checks(device, smoke, check):
-    """The step on parallel streams equals the one-stream step; a replayed CUDA graph equals
-    the eager step (float32, a small residual CNN, two steps so BN statistics move)."""
-    gen = torch.Generator().manual_seed(1)
-    size = 8 if smoke else 32
-    data = [(torch.randn(4, 3, size, size, generator=gen).to(device),
-             torch.randint(0, 10, (4,), generator=gen).to(device)) for _ in range(2)]
-
-    def grads(**options):
-        torch.manual_seed(0)
-        prog = fxlra.compile(models.resnet18_cifar(width=8).to(device), wiring="residual",
-                             **options)
-        out = []
-        for x, y in data:
-            prog.zero_grad(set_to_none=True)
-            prog.step(x, y)
-            out.append([p.grad.clone() for p in prog.parameters()])
-        return out
-
-    one = grads(streams=1)
-    variants = {"streams": dict(streams=4)}
-    if device.type == "cuda":
-        variants["cuda_graph"] = dict(streams=4, cuda_graph=True)
-    for name, options in variants.items():
-        for k, (got, want) in enumerate(zip(grads(**options), one)):
-            flat = [torch.cat([g.flatten() for g in grads_k]) for grads_k in (got, want)]
-            check(f"program/{name}/step{k}", f"program/{name}", *flat)
 
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -639,8 +526,7 @@ def metadata(device, dtype, args):
             "triton": triton.__version__, "cuda": torch.version.cuda, "commit": commit(),
             "dtype": str(dtype).replace("torch.", ""), "repeats": 2 if SMOKE else args.repeats,
             "smoke": SMOKE, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "nominal_bandwidth_Bps": NOMINAL_BANDWIDTH, "tolerances": TOLERANCES,
-            "targets": TARGETS}
+            "nominal_bandwidth_Bps": NOMINAL_BANDWIDTH, "targets": TARGETS}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         meta["hardware"] = {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
@@ -677,7 +563,6 @@ def main():
     clock = Clock(device, repeats, 1 if SMOKE else 5, args.budget_s)
     result = {"meta": metadata(device, dtype, args)}
     print(f"device {result['meta']['hardware']}, commit {result['meta']['commit']}")
-    result["correctness"] = correctness(device, SMOKE)
     batch = 2 if SMOKE else 256
     bandwidths = {}
 
@@ -704,7 +589,6 @@ def main():
         save(result, out)
     if out:
         print(f"wrote {out}")
-    sys.exit(0 if result["correctness"]["ok"] else 1)
 
 
 def save(result, out):

@@ -1,6 +1,6 @@
 """fxlra.analysis and fxlra.plan through fxlra.compile: where the error sites are, which site owns
 every parameter, residual blocks, layouts and synapse kinds, plan equality and stability, and
-the PlanErrors for models rec-LRA cannot train (DESIGN.md section 1, "Error sites", "Owners",
+the PlanErrors for models rec-LRA cannot train (docs/design.md section 1, "Error sites", "Owners",
 "Error synapses")."""
 import copy
 from collections import Counter
@@ -14,6 +14,7 @@ from torch.nn import functional as F
 import fxlra
 from fxlra import shapes
 from conftest import make_cnn, make_mlp
+from helpers import assert_matches_reference, assert_updates_match
 
 
 def rules_by_param(prog):
@@ -240,10 +241,7 @@ def test_shared_parameters_get_a_rule_per_use_and_match_the_reference(model, x):
     prog = fxlra.compile(model, example_inputs=x)
     uses = Counter(r.param for r in prog.plan.params)
     assert max(uses.values()) == 2 and set(uses) == {n for n, _ in model.named_parameters()}
-    updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
-    assert set(updates) == set(ref) == {n for n, _ in prog.named_parameters()}
-    for n in ref:
-        torch.testing.assert_close(updates[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_matches_reference(prog, x, y, "float32")
     shared = [n for n, k in uses.items() if k == 2]
     assert all("shared by 2 ops" in line for line in prog.explain().splitlines()
                if any(line.startswith(f"model.{n} ") for n in shared))
@@ -589,9 +587,7 @@ def test_a_module_using_its_parameter_in_several_ops_is_one_op_with_its_local_vj
     rules = {r.param: r.rule for r in prog.plan.params}
     assert rules["c.weight"] == rules["c.bias"] == "local-vjp"      # not Conv2d's own rule
     assert "model.c.weight" in prog.explain() and "local VJP of the op" in prog.explain()
-    updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
-    for n in ref:
-        torch.testing.assert_close(updates[n], ref[n], rtol=1e-9, atol=1e-12, msg=n)
+    updates, ref = assert_matches_reference(prog, x, y, "float64")
     # the update is the module's weight-gradient at its recorded input for the site's error
     sig = prog.reference_signals(x, y)
     w = model.c.weight.detach().requires_grad_()
@@ -633,9 +629,7 @@ def test_no_site_sits_on_attentions_permuted_qkv(scope):
         assert shapes.batch_first(nodes[s.name]) and shapes.shape_of(nodes[s.name])[0] == 2, s
     if scope == "layer":
         assert "qkv" in prog.sites and "permute" not in prog.sites
-    updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
-    for n in ref:
-        torch.testing.assert_close(updates[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_matches_reference(prog, x, y, "float32")
 
 
 class NegativeIndex(nn.Module):
@@ -665,8 +659,6 @@ def test_a_negative_index_into_a_tuple_carries_its_error():
     prog = fxlra.compile(negative, example_inputs=x)
     torch.manual_seed(1)
     same = fxlra.compile(positive, example_inputs=x).updates(x, y)
-    updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
+    updates, _ = assert_matches_reference(prog, x, y, "float32")
     assert "chunk" in next(s for s in prog.plan.sites if "fc1" in s.ops).region
-    for n in ref:
-        torch.testing.assert_close(updates[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
-        torch.testing.assert_close(updates[n], same[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_updates_match(updates, same, "float32")

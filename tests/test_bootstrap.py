@@ -12,6 +12,7 @@ from torch import nn
 
 import fxlra
 from fxlra import models
+from helpers import assert_matches_reference, assert_updates_match
 
 
 def _cut_vjp(prog, x, sig):
@@ -115,11 +116,7 @@ def test_the_generated_program_equals_the_reference_and_moves_only_the_forwards_
     got = prog.updates(x, y)
     after_program = {k: v.clone() for k, v in model.state_dict().items()}
     want = prog.reference_updates(x, y)
-    assert set(got) == set(want)
-    for name in want:
-        scale = max(want[name].abs().max().item(), 1e-6)
-        torch.testing.assert_close(got[name] / scale, want[name] / scale, rtol=0, atol=1e-4,
-                                   msg=name)
+    assert_updates_match(got, want, "float32_resnet")
     assert "boot_" in prog.code and "boot_" not in fxlra.compile(model, error_rule="hebbian-z").code
     # the program's forward moves the running statistics once, as a training forward does;
     # so does the reference's, and its carry (the boundary's included) re-runs on copies
@@ -144,9 +141,7 @@ def test_with_beta_zero_only_the_outputs_error_reaches_c():
     out = prog.plan.outputs[0]
     torch.testing.assert_close(sig.bootstrap[last], sig.errors[out] @ model.out.weight)
     assert torch.count_nonzero(sig.bootstrap[first]) == 0
-    updates, want = prog.updates(x, y), prog.reference_updates(x, y)
-    for name in want:
-        torch.testing.assert_close(updates[name], want[name], msg=name)
+    assert_matches_reference(prog, x, y, "float32")
 
 
 def test_the_presets_choose_the_rule_and_a_given_option_wins():

@@ -1,7 +1,7 @@
 """fxlra.checkpoint: save/load split runs equal unsplit ones bit for bit (in new processes), a
 save killed by SIGKILL leaves the previous checkpoint loadable, a checkpoint of another program is
 refused naming the difference, a crafted pickle is refused without running, and seeding makes
-runs repeatable (DESIGN.md section 4)."""
+runs repeatable (docs/design.md section 4)."""
 import os
 import signal
 import subprocess

@@ -14,19 +14,13 @@ from torch import nn
 import fxlra
 from fxlra import local
 from conftest import CUDA_PARAM_MARKS, make_cnn, make_mlp, needs_cuda
-
-# (rtol, atol) by dtype, with the reason: the generated program and the reference compute the
-# same sums in different orders (matmul vs autograd), so float32 differs by rounding only
-TOLERANCE = {torch.float64: (1e-9, 1e-11),   # summation order only
-             torch.float32: (1e-4, 1e-5)}    # float32 rounding of sums over the batch and space
-
+from helpers import assert_matches_reference, assert_updates_match, close
 
 def assert_same_updates(prog, x, y):
-    ours, ref = prog.updates(x, y), prog.reference_updates(x, y)
+    """The generated program's updates equal the reference interpreter's (float64), keyed in
+    the order of prog.named_parameters()."""
+    ours, ref = assert_matches_reference(prog, x, y, "float64")
     assert list(ours) == list(ref) == [n for n, _ in prog.named_parameters()]
-    rtol, atol = TOLERANCE[x.dtype]
-    for name in ref:
-        torch.testing.assert_close(ours[name], ref[name], rtol=rtol, atol=atol, msg=name)
 
 
 def resnet18_small():
@@ -65,7 +59,7 @@ def test_step_writes_the_reprojected_reference_updates_into_grad():
     prog.step(x, y)
     for name, p in prog.named_parameters():
         scale = min(1.0, 0.05 / ref[name].norm().item())
-        torch.testing.assert_close(p.grad, ref[name] * scale, rtol=1e-9, atol=1e-12)
+        close(p.grad, ref[name] * scale, "float64", name)
 
 
 @pytest.mark.parametrize("case", ["mlp-pairwise", "cnn-residual", "resnet18"])
@@ -161,8 +155,7 @@ def test_channels_last_inputs_give_the_same_updates():
     prog.load_state_dict(twin)
     prog.to(memory_format=torch.channels_last)
     cl = prog.updates(x.to(memory_format=torch.channels_last), y)
-    for name in plain:
-        torch.testing.assert_close(cl[name], plain[name], rtol=1e-9, atol=1e-11)
+    assert_updates_match(cl, plain, "float64")
 
 
 @pytest.mark.parametrize("name, build, shape", [
@@ -217,9 +210,9 @@ def test_torch_compile_of_step_captures_the_program_once(make, streams):
             first = counter.graphs
     assert (first, counter.graphs) == (1, 1)
     for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+        close(a.grad, b.grad, "exact", name)
     for (name, a), b in zip(compiled.model.named_buffers(), eager.model.buffers()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        close(a, b, "exact", name)
 
 
 BATCHNORMS = [(nn.BatchNorm1d, (6, 4)), (nn.BatchNorm1d, (6, 4, 5)), (nn.BatchNorm2d, (6, 4, 3, 3)),
@@ -269,7 +262,7 @@ def test_batchnorm_statistics_under_cudnn_are_mean_and_inverse_std(dtype):
     got = local.batchnorm_grads(m, x, c, stats)
     want = local.batchnorm_grads(m, x, c)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+        close(got[name], want[name], "cudnn_batchnorm", name)
 
 
 def test_only_plain_torch_batchnorms_run_by_batchnorm_forward():
@@ -286,6 +279,4 @@ def test_only_plain_torch_batchnorms_run_by_batchnorm_forward():
     assert prog.code.count("local.batchnorm_forward(") == 1
     prog.double()
     x = x.double()
-    got, want = prog.updates(x, y), prog.reference_updates(x, y)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert_matches_reference(prog, x, y, "float64")

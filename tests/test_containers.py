@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import fxlra
+from helpers import assert_matches_reference
 
 
 class EncoderNet(nn.Module):
@@ -61,10 +62,7 @@ def test_transformer_containers_are_traced_to_their_primitive_modules(name):
         {rules[f"{n}.weight"].op for n in linears})
     assert len(ops) >= 3 * len(attention), ops
     assert container not in ops                  # not one leaf op for the whole container
-    updates, ref = prog.updates(x, y), prog.reference_updates(x, y)
-    assert set(updates) == set(ref) == {n for n, _ in prog.named_parameters()}
-    for n in ref:
-        torch.testing.assert_close(updates[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_matches_reference(prog, x, y, "float32_long_sums")
 
 
 def test_explain_names_no_local_vjp_of_a_whole_encoder():

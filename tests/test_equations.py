@@ -1,4 +1,5 @@
-"""The contract's equations (DESIGN.md section 1), re-derived by hand for chains of Linear layers.
+"""The contract's equations (docs/design.md section 1), re-derived by hand for chains of Linear
+layers.
 
 This file holds a small, independent implementation of rec-LRA (the paper's Algorithm 2) for
 MLPs ``nn.Sequential(Linear, act, Linear, act, ..., Linear)``: forward, output error, targets,

@@ -27,480 +27,20 @@ on every trainable parameter (model and synapses), and in float64 ``prog.updates
 AssertionError, a torch RuntimeError, a TypeError that is not fxlra's). Regression tests for
 what the fuzzer found follow at the end.
 """
-import math
-
-import numpy as np
 import pytest
 import torch
-from hypothesis import (HealthCheck, currently_in_test_context, event, given, note, settings,
-                        strategies as st)
+from hypothesis import currently_in_test_context, event, given, note, settings, strategies as st
 from torch import nn
 from torch.nn import functional as F
 
 import fxlra
 from fxlra import shapes
+from helpers import assert_matches_reference, close
+from strategies import (DTYPE, HEADS, SETTINGS, SPEC_PRESETS as PRESETS, UNTRACEABLE, Lambda,
+                        NumpyCall, Recurrent, build_spec_net as build, specs, wiring_of)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DTYPE = torch.float64
-BATCH = 3
-# (rtol, atol) of generated program against reference, float64: the same local rules, but ops
-# without a rule go through torch.func in one and autograd in the other (other summation order)
-TOLERANCE = (1e-7, 1e-9)
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
-
-
-# -- ops fxlra has no rule for: shape-preserving functions of the last axis ----------------------
-class Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-
-def python_helper(h):
-    """A plain Python function (not torch, not wrapped): fx traces through it."""
-    return h * 0.5 + math.pi
-
-
-UNKNOWN_OPS = {
-    "fft": lambda h: torch.fft.fft(h).real,
-    "sort": lambda h: torch.sort(h, dim=-1).values,
-    "cumsum": lambda h: torch.cumsum(h, -1),
-    "autograd_function": lambda h: Square.apply(h),
-    "einsum": lambda h: torch.einsum("...i,...i->...i", h, h),
-    "matmul_pair": lambda h: (h.unsqueeze(-1) @ h.unsqueeze(-2)).mean(-1),
-    "topk": lambda h: torch.topk(h, 2, dim=-1).values.sum(-1, keepdim=True) + h,
-    "masked_fill": lambda h: h.masked_fill(h > 0.5, 0.0),
-    "gather": lambda h: torch.gather(h, -1, torch.argsort(h, -1)),
-    "where": lambda h: torch.where(h > 0, h, 0.1 * h),
-    "softmax": lambda h: torch.softmax(h, -1),
-    "normalize": lambda h: F.normalize(h, dim=-1),
-    "center": lambda h: h - h.mean(-1, keepdim=True),
-    "amax": lambda h: h + h.amax(-1, keepdim=True),
-    "abs_pow": lambda h: h.abs() ** 1.5,
-    "flip_roll": lambda h: h.flip(-1).roll(1, -1),
-    "python_helper": python_helper,
-    "max_field": lambda h: h.max(-1, keepdim=True).values * h,
-    "cat_chunks": lambda h: torch.cat(h.chunk(2, -1)[::-1], -1),
-    "stack_unbind": lambda h: torch.stack(h.unbind(-1), -1),
-    "floor_divide": lambda h: h // 0.5,
-    "requires_grad": lambda h: h.requires_grad_(False),
-    "fill": lambda h: torch.empty_like(h).fill_(0.5) + h,
-}
-ACTIVATIONS = {"relu": (nn.ReLU, F.relu), "tanh": (nn.Tanh, torch.tanh),
-               "sigmoid": (nn.Sigmoid, torch.sigmoid), "gelu": (nn.GELU, F.gelu),
-               "sign": (None, torch.sign), "relu_inplace": (lambda: nn.ReLU(inplace=True), F.relu),
-               "softmax": (lambda: nn.Softmax(-1), None), "prelu": (lambda: nn.PReLU(), None),
-               "elu_alpha": (lambda: nn.ELU(2.0), lambda h: F.elu(h, alpha=2.0)),
-               "hardtanh": (lambda: nn.Hardtanh(-0.5, 0.5), lambda h: F.hardtanh(h, -0.5, 0.5)),
-               "softplus": (lambda: nn.Softplus(2.0), lambda h: F.softplus(h, beta=2.0))}
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, h):
-        return self.fn(h)
-
-
-def activation(name, form):
-    module, function = ACTIVATIONS[name]
-    if (form == "module" and module is not None) or function is None:
-        return module()
-    return Lambda(function)
-
-
-# -- layers with parameters fxlra may or may not have rules for ----------------------------------
-class Residual(nn.Module):
-    def __init__(self, body, shortcut=None):
-        super().__init__()
-        self.body, self.shortcut = body, shortcut
-
-    def forward(self, h):
-        return self.body(h) + (h if self.shortcut is None else self.shortcut(h))
-
-
-class BilinearSelf(nn.Module):
-    def __init__(self, n, m):
-        super().__init__()
-        self.bilinear = nn.Bilinear(n, n, m)
-
-    def forward(self, h):
-        return self.bilinear(h, h)
-
-
-class RawWeights(nn.Module):
-    """Parameters used by functions: h @ w (features mixed) times a scale (elementwise)."""
-
-    def __init__(self, n, m):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(n, m) / n ** 0.5)
-        self.scale = nn.Parameter(torch.ones(m))
-
-    def forward(self, h):
-        return (h @ self.w) * self.scale
-
-
-class Gated(nn.Module):
-    """Two Linears of one input multiplied: a(h) * sigmoid(b(h))."""
-
-    def __init__(self, n, m):
-        super().__init__()
-        self.a, self.b = nn.Linear(n, m), nn.Linear(n, m)
-
-    def forward(self, h):
-        return self.a(h) * torch.sigmoid(self.b(h))
-
-
-CONVS = {"plain": lambda f, c, bn: nn.Conv2d(f, c, 3, padding=1, bias=not bn),
-         "strided": lambda f, c, bn: nn.Conv2d(f, c, 3, stride=2, padding=1, bias=not bn),
-         "dilated": lambda f, c, bn: nn.Conv2d(f, c, 3, padding=2, dilation=2, bias=not bn),
-         "same_reflect": lambda f, c, bn: nn.Conv2d(f, c, 3, padding="same",
-                                                    padding_mode="reflect", bias=not bn),
-         "depthwise": lambda f, c, bn: nn.Conv2d(f, f, 3, padding=1, groups=f, bias=not bn)}
-
-
-class Buffered(nn.Module):
-    def __init__(self, n):
-        super().__init__()
-        self.register_buffer("mask", torch.linspace(0.5, 1.5, n))
-
-    def forward(self, h):
-        return h * self.mask
-
-
-class Recurrent(nn.Module):
-    """nn.LSTM / nn.GRU over tokens: keep the sequence, or (LSTM) take the last hidden state."""
-
-    def __init__(self, kind, n, m, take):
-        super().__init__()
-        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(n, m, batch_first=True)
-        self.kind, self.take = kind, take
-
-    def forward(self, h):
-        out, state = self.rnn(h)
-        if self.take == "sequence":
-            return out
-        return (state[0] if self.kind == "lstm" else state)[-1]
-
-
-class Attention(nn.Module):
-    def __init__(self, n):
-        super().__init__()
-        self.att = nn.MultiheadAttention(n, 2, batch_first=True)
-
-    def forward(self, h):
-        return self.att(h, h, h)[0]
-
-
-class TimeConv(nn.Module):
-    def __init__(self, n, m):
-        super().__init__()
-        self.conv = nn.Conv1d(n, m, 3, padding=1)
-
-    def forward(self, h):
-        return self.conv(h.transpose(1, 2)).transpose(1, 2)
-
-
-# -- untraceable layers (fine in eager mode) -----------------------------------------------------
-class IfOnValue(nn.Module):
-    def __init__(self, n):
-        super().__init__()
-        self.lin = nn.Linear(n, n)
-
-    def forward(self, h):
-        if h.sum() > 0:
-            return self.lin(h)
-        return self.lin(-h)
-
-
-class UsesLen(nn.Module):
-    def forward(self, h):
-        return h / len(h)
-
-
-class IteratesRows(nn.Module):
-    def forward(self, h):
-        return torch.stack([row * 2 for row in h])
-
-
-class NumpyCall(nn.Module):
-    def forward(self, h):
-        return h * float(np.mean(np.asarray(h.detach())))
-
-
-UNTRACEABLE = {"if_on_value": IfOnValue, "len": UsesLen, "iterate": IteratesRows,
-               "numpy": NumpyCall}
-
-
-# -- layout transitions --------------------------------------------------------------------------
-TO_VECTOR = {"image": {"flatten": lambda h: h.flatten(1), "gap": lambda h: h.mean((2, 3)),
-                       "amax": lambda h: h.amax((2, 3)),
-                       "adaptive": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())},
-             "tokens": {"flatten": lambda h: h.flatten(1), "mean": lambda h: h.mean(1),
-                        "last": lambda h: h[:, -1]}}
-
-
-def _vector_size(layout, shape, how):
-    return math.prod(shape) if how == "flatten" else shape[-1] if layout == "tokens" else shape[0]
-
-
-# -- building a model from its spec --------------------------------------------------------------
-def _layer(op, layout, shape):
-    """(module, new layout, new shape) of one spec entry, for the current layout and shape
-    (shape without the batch axis)."""
-    kind, args = op[0], op[1:]
-    f = shape[-1] if layout != "image" else shape[0]
-    if kind == "linear":                                  # vectors and tokens: the last axis
-        n, act = args
-        layers = [nn.Linear(f, n)] + ([activation(*act)] if act else [])
-        return nn.Sequential(*layers), layout, shape[:-1] + (n,)
-    if kind == "conv":
-        c, bn, act, variant = args
-        conv, size = CONVS[variant](f, c, bn), shape[1]
-        if variant == "strided":
-            c, size = c, (size + 1) // 2
-        elif variant == "depthwise":
-            c = f
-        layers = [conv] + ([nn.BatchNorm2d(c)] if bn else []) + \
-            ([activation(*act)] if act else [])
-        return nn.Sequential(*layers), layout, (c, size, size)
-    if kind == "gated":
-        return Gated(f, args[0]), layout, shape[:-1] + (args[0],)
-    if kind == "residual":
-        act, project = args
-        if layout == "image":
-            body = nn.Sequential(nn.Conv2d(f, f, 3, padding=1), activation(*act),
-                                 nn.Conv2d(f, f, 3, padding=1))
-            shortcut = nn.Conv2d(f, f, 1) if project else None
-        else:
-            body = nn.Sequential(nn.Linear(f, f), activation(*act), nn.Linear(f, f))
-            shortcut = nn.Linear(f, f) if project else None
-        return Residual(body, shortcut), layout, shape
-    if kind == "norm":
-        norms = {"vector": lambda: nn.BatchNorm1d(f), "tokens": lambda: nn.LayerNorm(f),
-                 "image": lambda: nn.GroupNorm(1, f) if args[0] else nn.BatchNorm2d(f)}
-        return norms[layout](), layout, shape
-    if kind == "act":
-        return activation(*args[0]), layout, shape
-    if kind == "unknown":
-        return Lambda(UNKNOWN_OPS[args[0]]), layout, shape
-    if kind == "dropout":
-        return nn.Dropout(0.25), layout, shape
-    if kind == "pool":
-        pools = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2),
-                 "functional": Lambda(lambda h: F.max_pool2d(h, 2))}
-        return pools[args[0]], layout, (f, shape[1] // 2, shape[2] // 2)
-    if kind == "upsample":
-        return nn.Upsample(scale_factor=2), layout, (f, shape[1] * 2, shape[2] * 2)
-    if kind == "pixel_shuffle":
-        return nn.PixelShuffle(2), layout, (f // 4, shape[1] * 2, shape[2] * 2)
-    if kind == "conv_transpose":
-        return nn.ConvTranspose2d(f, args[0], 2, stride=2), layout, \
-            (args[0], shape[1] * 2, shape[2] * 2)
-    if kind == "bilinear":
-        return BilinearSelf(f, args[0]), layout, (args[0],)
-    if kind == "raw_weights":
-        return RawWeights(f, args[0]), layout, shape[:-1] + (args[0],)
-    if kind == "buffer":
-        return Buffered(f), layout, shape
-    if kind == "recurrent":
-        rnn, m, take = args
-        new = ("tokens", shape[:-1] + (m,)) if take == "sequence" else ("vector", (m,))
-        return Recurrent(rnn, f, m, take), *new
-    if kind == "attention":
-        return Attention(f), layout, shape
-    if kind == "encoder":
-        return nn.TransformerEncoderLayer(f, 2, 2 * f, dropout=0.0, batch_first=True), layout, \
-            shape
-    if kind == "time_conv":
-        return TimeConv(f, args[0]), layout, shape[:-1] + (args[0],)
-    if kind == "untraceable":
-        module = UNTRACEABLE[args[0]]
-        return (module(shape[-1]) if module is IfOnValue else module()), layout, shape
-    if kind == "to_vector":
-        how = args[0]
-        fn = TO_VECTOR[layout][how]
-        return (fn if isinstance(fn, nn.Module) else Lambda(fn)), "vector", \
-            (_vector_size(layout, shape, how),)
-    if kind == "to_tokens":
-        if layout == "image":
-            return Lambda(lambda h: h.flatten(2).transpose(1, 2)), "tokens", \
-                (shape[1] * shape[2], f)
-        return Lambda(lambda h: h.unsqueeze(1)), "tokens", (1, f)
-    raise AssertionError(op)
-
-
-INPUTS = {"vector": (6,), "image": (2, 4, 4), "tokens": (3, 4), "indices": (3,)}
-
-
-class SpecNet(nn.Module):
-    """stem (Embedding for integer inputs) -> layers -> head, from a spec dict (see ``specs``)."""
-
-    def __init__(self, spec):
-        super().__init__()
-        self.spec = spec
-        layout, shape = spec["input"], INPUTS[spec["input"]]
-        self.embedding = None
-        if layout == "indices":
-            self.embedding = nn.Embedding(10, 4)
-            layout, shape = "tokens", shape + (4,)
-        layers = []
-        for op in spec["layers"]:
-            module, layout, shape = _layer(op, layout, shape)
-            layers.append(module)
-        self.layers = nn.Sequential(*layers)
-        self.features = shape[-1] if layout != "image" else shape[0]
-        self.classifier = nn.Linear(self.features, spec["classes"])
-        aux = {"tuple": spec["classes"], "list": spec["classes"], "dict": spec["classes"],
-               "narrow_aux": 1}.get(spec["head"])
-        self.aux = nn.Linear(self.features, aux) if aux else None
-        self.out_layout = layout
-
-    def forward(self, x):
-        h = x if self.embedding is None else self.embedding(x)
-        h = self.layers(h)
-        if self.out_layout == "image":
-            h = h.movedim(1, -1)                         # the classifier reads channels
-        return HEADS[self.spec["head"]](self, h, x)
-
-
-HEADS = {
-    "logits": lambda m, h, x: m.classifier(h),
-    "tuple": lambda m, h, x: (m.classifier(h), m.aux(h)),
-    "list": lambda m, h, x: [m.classifier(h), m.aux(h)],
-    "dict": lambda m, h, x: {"logits": m.classifier(h), "aux": m.aux(h)},
-    "narrow_aux": lambda m, h, x: (m.classifier(h), m.aux(h)),
-    "with_shape": lambda m, h, x: (m.classifier(h), x.shape[0]),
-    "with_argmax": lambda m, h, x: (lambda v: (v, v.argmax(-1)))(m.classifier(h)),
-    "input_too": lambda m, h, x: (m.classifier(h), x),
-    "squeezed": lambda m, h, x: m.classifier(h).sum(-1),
-    "same_twice": lambda m, h, x: (lambda v: (v, v))(m.classifier(h)),
-    "shared_layer": lambda m, h, x: m.classifier(h) + m.classifier(h),
-}
-# structural changes applied after building: name -> function(model)
-MODIFIERS = {
-    "none": lambda m: None,
-    "freeze_one": lambda m: next(iter(m.layers.parameters()), torch.empty(0)).requires_grad_(False),
-    "freeze_all": lambda m: m.requires_grad_(False),
-    "unused": lambda m: m.add_module("unused", nn.Linear(2, 2)),
-    "eval": lambda m: m.eval(),
-}
-
-
-# -- strategies ----------------------------------------------------------------------------------
-widths = st.integers(2, 6)
-acts = st.tuples(st.sampled_from(sorted(ACTIVATIONS)), st.sampled_from(["module", "function"]))
-maybe_act = st.one_of(st.none(), acts)
-
-
-def _layer_choices(layout, shape, untraceable):
-    common = ["linear", "linear", "act", "unknown", "unknown", "residual", "norm", "raw_weights",
-              "buffer", "dropout"] + (["untraceable"] if untraceable else [])
-    common += ["gated"]
-    if layout == "vector":
-        return common + ["bilinear", "to_tokens"]
-    if layout == "tokens":
-        return common + ["recurrent", "attention", "encoder", "time_conv", "to_vector",
-                         "to_vector"]
-    small, channels = shape[1], shape[0]
-    return ["conv", "conv", "residual", "norm", "act", "unknown", "dropout", "to_vector",
-            "to_tokens", "conv_transpose"] + (["untraceable"] if untraceable else []) + \
-        (["pool", "pool"] if small >= 2 else []) + (["upsample"] if small <= 4 else []) + \
-        (["pixel_shuffle"] if channels % 4 == 0 and small <= 4 else [])
-
-
-def _even(n):
-    return n + n % 2
-
-
-@st.composite
-def layer_ops(draw, layout, shape, untraceable):
-    kind = draw(st.sampled_from(_layer_choices(layout, shape, untraceable)))
-    f = shape[-1] if layout != "image" else shape[0]
-    if layout == "image" and kind == "linear":
-        kind = "conv"
-    if kind == "linear":
-        return ("linear", draw(widths), draw(maybe_act))
-    if kind == "conv":
-        return ("conv", draw(widths), draw(st.booleans()), draw(maybe_act),
-                draw(st.sampled_from(sorted(CONVS))))
-    if kind == "residual":
-        return ("residual", draw(acts), draw(st.booleans()))
-    if kind == "norm":
-        return ("norm", draw(st.booleans()))
-    if kind == "act":
-        return ("act", draw(acts))
-    if kind == "unknown":
-        return ("unknown", draw(st.sampled_from(sorted(UNKNOWN_OPS))))
-    if kind == "pool":
-        return ("pool", draw(st.sampled_from(["max", "avg", "functional"])))
-    if kind in ("conv_transpose", "bilinear", "raw_weights", "time_conv", "gated"):
-        return (kind, draw(widths))
-    if kind == "recurrent":
-        rnn = draw(st.sampled_from(["lstm", "gru"]))
-        return ("recurrent", rnn, draw(widths), draw(st.sampled_from(["sequence", "state"])))
-    if kind in ("attention", "encoder") and f % 2:
-        return ("linear", _even(f), None)                # two heads need an even width
-    if kind == "untraceable":
-        return ("untraceable", draw(st.sampled_from(sorted(UNTRACEABLE))))
-    if kind == "to_vector":
-        return ("to_vector", draw(st.sampled_from(sorted(TO_VECTOR[layout]))))
-    return (kind,)
-
-
-def _mostly(choices, usual):
-    """``usual`` half of the time (when it is a choice), else any of ``choices``."""
-    if usual not in choices:
-        return st.sampled_from(choices)
-    return st.one_of(st.just(usual), st.sampled_from(choices))
-
-
-@st.composite
-def specs(draw, untraceable=True, heads=tuple(HEADS), modifiers=tuple(MODIFIERS)):
-    start = draw(st.sampled_from(sorted(INPUTS)))
-    layout, shape = ("tokens", (3, 4)) if start == "indices" else (start, INPUTS[start])
-    layers = []
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(layer_ops(layout, shape, untraceable))
-        _, layout, shape = _layer(op, layout, shape)     # only to follow the shapes
-        layers.append(op)
-    return {"input": start, "layers": tuple(layers), "classes": draw(st.integers(2, 4)),
-            "head": draw(_mostly(heads, "logits")), "modify": draw(_mostly(modifiers, "none")),
-            "seed": draw(st.integers(0, 2 ** 16))}
-
-
-PRESETS = ["direct", "pairwise", "residual", ("residual", 3), ("blocks", 2), ("skip", 2)]
-
-
-def wiring_of(p):
-    if isinstance(p, str):
-        return p, 2
-    if p[0] == "residual":
-        return "residual", p[1]
-    return {"blocks": fxlra.wiring.blocks, "skip": fxlra.wiring.skip}[p[0]](p[1]), 2
-
-
-def build(spec):
-    torch.manual_seed(spec["seed"])
-    model = SpecNet(spec).to(DTYPE)
-    MODIFIERS[spec["modify"]](model)
-    torch.manual_seed(spec["seed"] + 1)
-    if spec["input"] == "indices":
-        x = torch.randint(0, 10, (BATCH,) + INPUTS["indices"])
-    else:
-        x = torch.randn((BATCH,) + INPUTS[spec["input"]], dtype=DTYPE)
-    return model, x
 
 
 # -- the property --------------------------------------------------------------------------------
@@ -552,11 +92,7 @@ def check_program(prog, x, deterministic=True):
         assert p.grad is None or (p.grad.shape == p.shape and torch.isfinite(p.grad).all()), name
     if not deterministic:
         return
-    updates, expected = prog.updates(x, y), prog.reference_updates(x, y)
-    assert set(updates) == set(expected) == trainable
-    rtol, atol = TOLERANCE
-    for name, u in updates.items():
-        torch.testing.assert_close(u, expected[name], rtol=rtol, atol=atol, msg=name)
+    assert_matches_reference(prog, x, y, "float64_torch_func")     # for every trainable one
 
 
 def _deterministic(spec):
@@ -616,7 +152,7 @@ def test_untraceable_layers_raise_a_trace_error_naming_the_fixes(spec, kind):
     with pytest.raises(fxlra.TraceError) as info:
         fxlra.compile(model, example_inputs=x)
     message = str(info.value)
-    assert "test_fuzz.py:" in message and "Fix:" in message, message
+    assert "strategies.py:" in message and "Fix:" in message, message
     assert "leaf_modules" in message or "torch.fx.wrap" in message, message
     prog = compile_or_reject(model, x, "direct", leaf_modules=[UNTRACEABLE[kind]])
     if prog is not None:
@@ -656,17 +192,14 @@ def test_lstm_hidden_state_steps_with_finite_updates():
     (expected,) = pullback(e)
     updates = prog.updates(X, Y)
     for name, g in expected.items():
-        torch.testing.assert_close(updates[f"model.3.rnn.{name}"], g / len(X), rtol=1e-9,
-                                   atol=1e-12)
+        close(updates[f"model.3.rnn.{name}"], g / len(X), "float64", name)
 
 
 def test_lstm_hidden_state_reference_matches_the_program():
     model = nn.Sequential(Lambda(lambda h: h.unsqueeze(1)), Recurrent("lstm", 4, 5, "state"),
                           nn.Linear(5, 3)).to(DTYPE)
     prog = fxlra.compile(model, wiring="direct", example_inputs=X)
-    updates, expected = prog.updates(X, Y), prog.reference_updates(X, Y)
-    for name, u in updates.items():
-        torch.testing.assert_close(u, expected[name], rtol=1e-9, atol=1e-12)
+    assert_matches_reference(prog, X, Y, "float64")
 
 
 def test_lstm_outputs_used_separately_name_the_op():
@@ -792,10 +325,8 @@ def test_a_second_input_fixed_by_concrete_args_compiles():
 def test_a_model_with_two_inputs_steps_on_a_tuple_and_equals_the_reference():
     x = (X, X * 2)
     prog = fxlra.compile(TwoInputs().to(DTYPE), example_inputs=x)
-    updates, expected = prog.updates(x, Y), prog.reference_updates(x, Y)
-    assert updates.keys() == expected.keys() and updates
-    for name, u in updates.items():
-        torch.testing.assert_close(u, expected[name], rtol=1e-9, atol=1e-12)
+    updates, _ = assert_matches_reference(prog, x, Y, "float64")
+    assert updates
     prog.step(x, Y)
     with pytest.raises(fxlra.InputError, match=r"takes 2 input\(s\) \(x, z\) but 1 were given"):
         prog.step(X, Y)
@@ -828,8 +359,7 @@ def test_prelu_is_a_parametrised_activation_site(local_rule, error_rule):
         d = e_out @ prog.synapse(out, site).weight.t()
         e = z - model[1](h - 0.1 * d)
         expected = (e * h.clamp(max=0)).sum(0) / len(X)
-    torch.testing.assert_close(prog.updates(X, Y)["model.1.weight"], expected, rtol=1e-9,
-                               atol=1e-12)
+    close(prog.updates(X, Y)["model.1.weight"], expected, "float64", "model.1.weight")
 
 
 def test_functional_prelu_is_an_op_with_its_own_local_vjp():

@@ -1,4 +1,4 @@
-"""Invariants of the contract (DESIGN.md section 1) that need no hand-written reference:
+"""Invariants of the contract (docs/design.md section 1) that need no hand-written reference:
 
 - the output site's update of the last layer is backprop's gradient of the mean cross-entropy
   (MLP, a small CNN with BatchNorm and pooling, torchvision's ResNet-18);

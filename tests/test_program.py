@@ -1,6 +1,6 @@
 """fxlra.program: the Program object (forward, parameters, state_dict, updates, step, printing,
 explain), bad input that must change nothing, compile options, synapse overrides and
-register_activation (DESIGN.md section 1, "The step", "Semantics that users rely on";
+register_activation (docs/design.md section 1, "The step", "Semantics that users rely on";
 section 4 for bad input)."""
 import copy
 
@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import fxlra
 from conftest import make_cnn, make_mlp
+from helpers import assert_updates_match, close
 
 X_MLP = lambda b=6: torch.randn(b, 5)                       # noqa: E731
 Y_MLP = lambda b=6: torch.arange(b) % 4                     # noqa: E731
@@ -88,14 +89,11 @@ def test_load_state_dict_round_trips_into_a_second_program():
     x, y = cnn_batch()
     assert not torch.equal(a(x), b(x))
     b.load_state_dict(a.state_dict())
-    ua, ub = a.updates(x, y), b.updates(x, y)
-    assert ua.keys() == ub.keys()
-    for k in ua:
-        torch.testing.assert_close(ua[k], ub[k], rtol=0, atol=0, msg=k)
+    assert_updates_match(a.updates(x, y), b.updates(x, y), "exact")
     a.step(x, y)
     b.step(x, y)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+        close(p.grad, q.grad, "exact", n)
 
 
 def test_updates_are_keyed_by_named_parameters():
@@ -235,7 +233,7 @@ def test_bad_labels_raise_input_error_and_change_nothing(case, call):
 
 def test_bad_labels_leave_the_batchnorm_running_stats_unchanged():
     """The labels are checked before the forward runs: a rejected step must not move the BN
-    running statistics or counters (DESIGN.md section 4: bad input changes nothing)."""
+    running statistics or counters (docs/design.md section 4: bad input changes nothing)."""
     prog = fxlra.compile(make_cnn())
     x, y = cnn_batch()
     prog.step(x, y)

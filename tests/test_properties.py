@@ -1,17 +1,15 @@
 """Property-based tests (hypothesis) over random small models and random error graphs.
 
-The model strategy builds float64 ``nn.Module`` classes made of a Linear or Conv2d stem, 1-4
-random layers (Linear + activation, Linear without activation so that Linear -> Linear happens,
-Conv2d [+ BatchNorm2d] + activation, MaxPool2d/AvgPool2d, residual blocks ``x + f(x)`` with an
-identity or 1x1-conv/Linear shortcut), then Flatten or AdaptiveAvgPool2d and a final Linear to a
-few classes. Activations are tanh, relu (also in place), sigmoid, sign, elu, gelu and leaky_relu,
-as modules or as functions. Inputs are (3, 6) vectors or (3, 2, 8, 8) images.
+The models are the trainable family of the shared zoo, ``strategies.model_specs``: float64
+Linear or Conv2d stems, 1-4 random layers (Linear with or without activation, Conv2d [+
+BatchNorm2d] + activation, pooling, residual blocks with an identity or projection shortcut),
+Flatten or AdaptiveAvgPool2d and a final Linear, on (3, 6) vectors or (3, 2, 8, 8) images.
 
 Wirings are the presets ("direct", "pairwise", "residual", blocks(g), skip(g) for g = 1..3) and
 random DAGs over ``prog.sites``: every non-output site draws one or more parents among the sites
 after it in forward order (always acyclic and valid), given as a mapping child -> [parents].
 
-Properties (DESIGN.md section 1):
+Properties (docs/design.md section 1):
 - compile succeeds, ``Plan.verify()`` passes, every model parameter has exactly one rule, every
   non-output site has a parent and depth >= 1, the output site is last; the presets give the
   parents their definitions say; a custom DAG is the error graph exactly;
@@ -30,238 +28,14 @@ import copy
 import networkx as nx
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, example, given, note, settings, strategies as st
+from hypothesis import assume, example, given, note, settings, strategies as st
 from torch import nn
 from torch.nn import functional as F
 
 import fxlra
-
-DTYPE = torch.float64
-ATOL = 1e-10                      # float64: the same products, summed in another order
-N_VECTOR_IN, IMAGE_CHANNELS, IMAGE_SIZE, BATCH = 6, 2, 8, 3
-
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
-
-
-# -- activations ----------------------------------------------------------------------------------
-class Fn(nn.Module):
-    """An activation given as a function, called from forward (fx records call_function)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
-ACT_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
-               "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU,
-               "relu_inplace": lambda: nn.ReLU(inplace=True)}
-ACT_FUNCTIONS = {"tanh": torch.tanh, "relu": F.relu, "sigmoid": torch.sigmoid, "sign": torch.sign,
-                 "elu": F.elu, "gelu": F.gelu, "leaky_relu": F.leaky_relu}
-ACTIVATIONS = sorted(set(ACT_MODULES) | set(ACT_FUNCTIONS))
-
-
-def make_act(spec):
-    """spec = (name, form); sign exists only as a function."""
-    name, form = spec
-    if form == "module" and name in ACT_MODULES:
-        return ACT_MODULES[name]()
-    return Fn(ACT_FUNCTIONS["relu" if name == "relu_inplace" else name])
-
-
-# -- building blocks ------------------------------------------------------------------------------
-class ConvLayer(nn.Module):
-    def __init__(self, c_in, c_out, bn, act):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not bn)
-        self.bn = nn.BatchNorm2d(c_out) if bn else nn.Identity()
-        self.act = make_act(act)
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
-
-
-class LinearLayer(nn.Module):
-    def __init__(self, n_in, n_out, act):
-        super().__init__()
-        self.linear = nn.Linear(n_in, n_out)
-        self.act = make_act(act) if act else nn.Identity()
-
-    def forward(self, x):
-        return self.act(self.linear(x))
-
-
-class ConvResidual(nn.Module):
-    """x + f(x), f = conv [bn] act conv [bn]; a 1x1-conv shortcut when channels change (or when
-    drawn); optionally an activation after the merge."""
-
-    def __init__(self, c_in, c_out, bn, act, shortcut, post):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not bn)
-        self.bn1 = nn.BatchNorm2d(c_out) if bn else nn.Identity()
-        self.act = make_act(act)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=not bn)
-        self.bn2 = nn.BatchNorm2d(c_out) if bn else nn.Identity()
-        self.downsample = nn.Conv2d(c_in, c_out, 1) if shortcut or c_in != c_out else None
-        self.post = make_act(post) if post else nn.Identity()
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
-        return self.post(out + identity)
-
-
-class LinearResidual(nn.Module):
-    """x + f(x), f = Linear act Linear; a Linear shortcut when widths change (or when drawn)."""
-
-    def __init__(self, n_in, n_out, act, shortcut, post):
-        super().__init__()
-        self.fc1 = nn.Linear(n_in, n_out)
-        self.act = make_act(act)
-        self.fc2 = nn.Linear(n_out, n_out)
-        self.downsample = nn.Linear(n_in, n_out) if shortcut or n_in != n_out else None
-        self.post = make_act(post) if post else nn.Identity()
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.post(self.fc2(self.act(self.fc1(x))) + identity)
-
-
-class RandomNet(nn.Module):
-    """stem -> layers -> classifier, built from a spec: {"stem": (kind, width, act),
-    "layers": (layer tuples...), "classes": n, "seed": s}; see ``model_specs``."""
-
-    def __init__(self, spec):
-        super().__init__()
-        self.spec = spec
-        kind, width, stem_act = spec["stem"]
-        if kind == "image":
-            self.stem = ConvLayer(IMAGE_CHANNELS, width, False, stem_act) if stem_act else \
-                nn.Conv2d(IMAGE_CHANNELS, width, 3, padding=1)
-            size = IMAGE_SIZE
-        else:
-            self.stem = LinearLayer(N_VECTOR_IN, width, stem_act)
-            size = None
-        layers = []
-        for layer in spec["layers"]:
-            op = layer[0]
-            if op == "conv":
-                _, c, bn, act = layer
-                layers.append(ConvLayer(width, c, bn, act))
-                width = c
-            elif op == "pool":
-                layers.append(nn.MaxPool2d(2) if layer[1] == "max" else nn.AvgPool2d(2))
-                size //= 2
-            elif op == "conv_res":
-                _, c, bn, act, shortcut, post = layer
-                layers.append(ConvResidual(width, c, bn, act, shortcut, post))
-                width = c
-            elif op == "head":
-                if layer[1] == "flatten":
-                    layers.append(nn.Flatten())
-                    width = width * size * size
-                else:
-                    layers.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
-            elif op == "linear":
-                _, n, act = layer
-                layers.append(LinearLayer(width, n, act))
-                width = n
-            elif op == "linear_res":
-                _, n, act, shortcut, post = layer
-                layers.append(LinearResidual(width, n, act, shortcut, post))
-                width = n
-            else:
-                raise AssertionError(layer)
-        self.layers = nn.Sequential(*layers)
-        self.classifier = nn.Linear(width, spec["classes"])
-
-    def forward(self, x):
-        return self.classifier(self.layers(self.stem(x)))
-
-
-# -- strategies -----------------------------------------------------------------------------------
-widths = st.integers(2, 8)
-acts = st.tuples(st.sampled_from(ACTIVATIONS), st.sampled_from(["module", "function"]))
-maybe_act = st.one_of(st.none(), acts)
-
-
-@st.composite
-def model_specs(draw):
-    kind = draw(st.sampled_from(["image", "vector"]))
-    width = draw(widths)
-    spec = {"stem": (kind, width, draw(maybe_act)), "classes": draw(st.integers(2, 4))}
-    layers, size, mode = [], IMAGE_SIZE, kind
-    for _ in range(draw(st.integers(1, 4))):
-        if mode == "image":
-            # conv layers and residual blocks twice as likely as pooling or leaving the image
-            choices = ["conv", "conv_res", "conv", "conv_res", "to_vector"] + \
-                (["pool"] if size >= 2 else [])
-            op = draw(st.sampled_from(choices))
-            if op == "conv":
-                layers.append(("conv", draw(widths), draw(st.booleans()), draw(acts)))
-            elif op == "conv_res":
-                layers.append(("conv_res", draw(widths), draw(st.booleans()), draw(acts),
-                               draw(st.booleans()), draw(maybe_act)))
-            elif op == "pool":
-                layers.append(("pool", draw(st.sampled_from(["max", "avg"]))))
-                size //= 2
-            else:
-                layers.append(("head", draw(st.sampled_from(["flatten", "gap"]))))
-                mode = "vector"
-        if mode == "vector" and (not layers or layers[-1][0] != "head"):
-            op = draw(st.sampled_from(["linear", "linear_plain", "linear_res"]))
-            if op == "linear":
-                layers.append(("linear", draw(widths), draw(acts)))
-            elif op == "linear_plain":          # no activation: Linear -> Linear
-                layers.append(("linear", draw(widths), None))
-            else:
-                layers.append(("linear_res", draw(widths), draw(acts), draw(st.booleans()),
-                               draw(maybe_act)))
-    if mode == "image":
-        layers.append(("head", draw(st.sampled_from(["flatten", "gap"]))))
-    spec["layers"] = tuple(layers)
-    spec["seed"] = draw(st.integers(0, 2 ** 16))
-    return spec
-
-
-def build(spec):
-    torch.manual_seed(spec["seed"])
-    model = RandomNet(spec).to(DTYPE)
-    torch.manual_seed(spec["seed"] + 1)
-    if spec["stem"][0] == "image":
-        x = torch.randn(BATCH, IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, dtype=DTYPE)
-    else:
-        x = torch.randn(BATCH, N_VECTOR_IN, dtype=DTYPE)
-    y = torch.randint(0, spec["classes"], (BATCH,))
-    return model, x, y
-
-
-PRESETS = ["direct", "pairwise", "residual"] + \
-    [("blocks", g) for g in (1, 2, 3)] + [("skip", g) for g in (1, 2, 3)]
-
-
-def preset(p):
-    if isinstance(p, str):
-        return p
-    return {"blocks": fxlra.wiring.blocks, "skip": fxlra.wiring.skip}[p[0]](p[1])
-
-
-@st.composite
-def random_dags(draw, sites, outputs):
-    """A mapping child -> [parents]: every non-output site takes one or more parents among the
-    sites after it in forward order (so the graph is acyclic and every site is reachable)."""
-    dag = {}
-    for k, s in enumerate(sites):
-        if s in outputs:
-            continue
-        later = list(sites[k + 1:])
-        dag[s] = draw(st.lists(st.sampled_from(later), min_size=1, max_size=min(3, len(later)),
-                               unique=True))
-    return dag
+from helpers import assert_updates_match, close
+from strategies import (DTYPE, PRESETS, SETTINGS, build_random_net as build, model_specs,
+                        preset, random_dags)
 
 
 def compile_(model, x, wiring, **kw):
@@ -340,9 +114,7 @@ def check_updates(prog, x, y):
 def check_equals_reference(prog, x, y, updates):
     """The generated program computes what the reference interpreter (the specification) does."""
     expected = prog.reference_updates(x, y)
-    assert set(expected) == set(updates)
-    for name, u in updates.items():
-        torch.testing.assert_close(u, expected[name], rtol=1e-9, atol=ATOL, msg=name)
+    assert_updates_match(updates, expected, "float64")
     # and prog.step leaves the re-projected reference updates in .grad
     clip = prog.options["clip"]
     for p in prog.parameters():
@@ -351,7 +123,7 @@ def check_equals_reference(prog, x, y, updates):
     for name, p in prog.named_parameters():
         norm = expected[name].norm().item()
         scale = min(1.0, clip / norm) if norm > 0 else 1.0
-        torch.testing.assert_close(p.grad, expected[name] * scale, rtol=1e-9, atol=ATOL, msg=name)
+        close(p.grad, expected[name] * scale, "float64", name)
 
 
 # -- properties -----------------------------------------------------------------------------------
@@ -413,8 +185,8 @@ def test_presets_compile_verify_and_update(spec, wiring, opts):
     logits = reference(x)
     loss = F.cross_entropy(logits, y)
     gw, gb = torch.autograd.grad(loss, [reference.classifier.weight, reference.classifier.bias])
-    torch.testing.assert_close(updates["model.classifier.weight"], gw, rtol=0, atol=ATOL)
-    torch.testing.assert_close(updates["model.classifier.bias"], gb, rtol=0, atol=ATOL)
+    close(updates["model.classifier.weight"], gw, "float64_autograd", "classifier.weight")
+    close(updates["model.classifier.bias"], gb, "float64_autograd", "classifier.bias")
 
 
 @settings(max_examples=30, **SETTINGS)

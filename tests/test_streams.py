@@ -21,7 +21,9 @@ from fxlra import codegen, streams
 from fxlra.errors import OptionError
 
 from conftest import make_cnn as small_cnn, make_mlp, needs_cuda
-from test_properties import PRESETS, SETTINGS, build, model_specs, preset, random_dags
+from helpers import assert_matches_reference, assert_updates_match
+from strategies import (PRESETS, SETTINGS, build_random_net as build, model_specs, preset,
+                        random_dags)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXAMPLES = 400 if os.environ.get("FXLRA_SLOW") == "1" else 40     # FXLRA_SLOW=1: the long run
@@ -232,10 +234,7 @@ def test_step_with_streams_equals_the_reference_on_the_cpu():
     x, y = torch.randn(4, 3, 12, 12), torch.tensor([0, 1, 2, 3])
     model = small_cnn().double()
     prog = compiled(model, x.double(), "residual", 3)
-    got = prog.updates(x.double(), y)
-    want = prog.reference_updates(x.double(), y)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_matches_reference(prog, x.double(), y, "float64")
 
 
 # -- on a GPU -------------------------------------------------------------------------------------
@@ -253,8 +252,7 @@ def test_cuda_streams_give_the_one_stream_updates(kernels):
     for _ in range(3):                  # BN statistics move: both programs see the same ones
         a, b = one.updates(x, y), many.updates(x, y)
         assert torch.cuda.current_stream() == caller
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_updates_match(b, a, "cuda_streams")
 
 
 @needs_cuda

@@ -14,12 +14,9 @@ import torch
 
 import fxlra
 import timm_zoo
+from helpers import assert_matches_reference
 
 timm = pytest.importorskip("timm")
-
-# relative to the largest entry of each parameter's update, floored at 1e-3 of the largest entry
-# of any update (an update that is zero in exact arithmetic differs by rounding only)
-RTOL = 1e-3
 
 
 def check(name):
@@ -30,16 +27,10 @@ def check(name):
             fxlra.compile(model, wiring="residual", example_inputs=(x,)).updates(x, y)
         return
     prog = fxlra.compile(model, wiring="residual", example_inputs=(x,))
-    torch.manual_seed(1)          # the same dropout and drop-path masks in both
-    updates = prog.updates(x, y)
-    torch.manual_seed(1)
-    ref = prog.reference_updates(x, y)
-    assert set(updates) == set(ref) == {n for n, _ in prog.named_parameters()}
-    floor = 1e-3 * max(r.abs().max().item() for r in ref.values())
-    for n, r in ref.items():
-        assert torch.isfinite(updates[n]).all(), n
-        scale = max(r.abs().max().item(), floor)
-        assert (updates[n] - r).abs().max().item() <= RTOL * scale, n
+    # the same dropout and drop-path masks in both
+    updates, _ = assert_matches_reference(prog, x, y, "float32_timm", seed=1)
+    for n, u in updates.items():
+        assert torch.isfinite(u).all(), n
 
 
 @pytest.mark.parametrize("name", timm_zoo.DEFAULT_TIER)

@@ -25,6 +25,7 @@ from torch import nn
 from torchvision import models
 
 import fxlra
+from helpers import assert_matches_reference
 
 NUM_CLASSES = 10
 BATCH = 2
@@ -169,7 +170,7 @@ def test_resnet18_has_eight_residual_blocks_and_one_rule_per_parameter():
     counts = Counter(r.param for r in plan.params)
     assert set(counts) == {n for n, _ in model.named_parameters()}
     assert set(counts.values()) == {1}
-    # the shortcut conv belongs to its block's output site (DESIGN.md "Owners")
+    # the shortcut conv belongs to its block's output site (docs/design.md "Owners")
     outputs = {b.output for b in plan.blocks}
     for r in plan.params:
         if ".downsample." in r.param:
@@ -204,11 +205,7 @@ def test_multihead_attention_returning_none_weights_gets_updates():
     torch.manual_seed(0)
     model, x, y = _SelfAttention(), torch.randn(2, 5, 4), torch.tensor([0, 1])
     prog = fxlra.compile(model, wiring="direct", example_inputs=x)
-    updates = prog.updates(x, y)
-    expected = prog.reference_updates(x, y)
-    assert set(updates) == set(expected) == {n for n, _ in prog.named_parameters()}
-    for name, u in updates.items():
-        torch.testing.assert_close(u, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_matches_reference(prog, x, y, "float32")
 
 
 class _WindowAttentionBlock(nn.Module):
@@ -231,7 +228,7 @@ class _WindowAttentionBlock(nn.Module):
 def test_site_after_window_attention_has_channels_last_layout():
     """The site's layout took channel_dim=1 (the height, 4) because the last parametrised op of
     its region is a function fxlra has no channel rule for; its features are the 8 channels on
-    the last axis, and a displacement must be a map to those channels (DESIGN.md, error
+    the last axis, and a displacement must be a map to those channels (docs/design.md, error
     synapses). With H == C this is silently wrong; on the small Swin it crashed in a synapse."""
     torch.manual_seed(0)
     model, x = _WindowAttentionBlock(), torch.randn(2, 4, 4, 8)

@@ -1,6 +1,6 @@
 """fxlra.wiring: the presets (direct, pairwise, blocks(g), skip(g), residual at depth 2 and 3),
 custom error graphs in every accepted form, and the rejection of invalid ones with a
-WiringError naming the offending sites (DESIGN.md section 1, "Error graph (wiring)")."""
+WiringError naming the offending sites (docs/design.md section 1, "Error graph (wiring)")."""
 import networkx as nx
 import pytest
 import torch
