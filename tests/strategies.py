@@ -266,7 +266,6 @@ def random_dags(draw, sites, outputs):
     return dag
 
 
-
 # == the fuzz family (specs) ================================================================
 # -- ops fxlra has no rule for: shape-preserving functions of the last axis ----------------------
 class Square(torch.autograd.Function):

@@ -16,6 +16,7 @@ from fxlra import local
 from conftest import CUDA_PARAM_MARKS, make_cnn, make_mlp, needs_cuda
 from helpers import assert_matches_reference, assert_updates_match, close
 
+
 def assert_same_updates(prog, x, y):
     """The generated program's updates equal the reference interpreter's (float64), keyed in
     the order of prog.named_parameters()."""

@@ -42,7 +42,6 @@ from strategies import (DTYPE, HEADS, SETTINGS, SPEC_PRESETS as PRESETS, UNTRACE
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 # -- the property --------------------------------------------------------------------------------
 def labels_for(prog, x):
     """Class labels for a (B, classes) output, else float targets shaped like the output."""

@@ -141,7 +141,6 @@ def test_pseudo_conv_rejects_bad_arguments():
                  PC.pseudo_conv_update, x, noise, e, 2, config={"BLOCK_Q": 16})
 
 
-
 # == CUDA: compiled in 16-bit dtypes ===============================================================
 @kernel_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

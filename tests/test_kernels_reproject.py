@@ -92,7 +92,6 @@ def test_reproject_rejects_bad_arguments():
                  RP.reproject_, [t], -1.0)
 
 
-
 # == CUDA: compiled in 16-bit dtypes ===============================================================
 @kernel_gpu
 def test_reproject_in_16_bits_on_cuda():

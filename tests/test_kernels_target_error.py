@@ -182,7 +182,6 @@ def test_target_and_error_rejects_bad_arguments():
                  "imported)", TE.check.device, "target_and_error", "h", h.cpu())
 
 
-
 # == CUDA: compiled in 16-bit dtypes ===============================================================
 @kernel_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
