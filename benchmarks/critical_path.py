@@ -3,7 +3,7 @@ the paper's models and ResNet-18/50, and write them as JSON.
 
     python3 benchmarks/critical_path.py [--out benchmarks/results/critical_path.json]
 
-The counts come from each model's generated program (fxlra.paths): the error stage is as deep as
+The counts come from each model's generated program (fxlra.codegen.paths): the error stage is as deep as
 the error graph, backprop's backward as deep as the network. The last columns count statements
 after the forward on the program generated for 4 streams: all of them (work) and those that run
 one after another when the streams run side by side (span); work / span bounds what the streams
@@ -16,7 +16,8 @@ import torch
 import torchvision
 
 import fxlra
-from fxlra import models, paths
+from fxlra import models
+from fxlra.codegen import paths
 from fxlra.nn import LEAF_MODULES
 
 STREAMS = 4

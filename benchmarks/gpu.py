@@ -1,4 +1,4 @@
-"""GPU benchmark of fxlra's Triton kernels and of the training step (docs/design.md section 3):
+"""GPU benchmark of fxlra's Triton kernels and of the training step (docs/gpu.md, "Performance targets"):
 CUDA-event timings (medians after warm-up, L2 flushed before each kernel timing) written as JSON
 with the hardware, versions, dtype, batch sizes and commit. Correctness is the tests' (``pytest
 -m cuda`` on the GPU: every kernel against its reference, at these stage shapes too, the step on
@@ -37,8 +37,6 @@ if SMOKE:   # before anything imports Triton (torch._dynamo does, and fxlra impo
 import argparse                                                     # noqa: E402
 import contextlib                                                   # noqa: E402
 import gc                                                           # noqa: E402
-import importlib                                                    # noqa: E402
-import importlib.util                                               # noqa: E402
 import json                                                         # noqa: E402
 import platform                                                     # noqa: E402
 import statistics                                                   # noqa: E402
@@ -54,13 +52,14 @@ from torch import nn                                                # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fxlra                                                        # noqa: E402
-from fxlra import local, models, rules                              # noqa: E402
+from fxlra import models, rules                                     # noqa: E402
+from fxlra.ops import local                                         # noqa: E402
 from fxlra.nn import LEAF_MODULES, PerturbativeConv2d               # noqa: E402
 from step_cpu import median_ms                   # the wall-clock timer  # noqa: E402
 
-NOMINAL_BANDWIDTH = 4.2e12           # bytes/s, H200 HBM3e (docs/design.md section 3)
+NOMINAL_BANDWIDTH = 4.2e12           # bytes/s, H200 HBM3e (docs/gpu.md, "Performance targets")
 STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]                 # ResNet-18: channels, size
-TARGETS = {  # docs/design.md section 3
+TARGETS = {  # docs/gpu.md, "Performance targets"
     "pseudo_conv fused_*_over_floor": "<= 1.3",
     "target_error *_fraction_of_copy": ">= 0.7",
     "steps resnet18 fxlra_over_backprop_compiled": "<= 0.7",
@@ -83,22 +82,7 @@ UPD_CONFIGS = [None, dict(BLOCK_O=128, BLOCK_K=128, BLOCK_P=64, num_warps=8, num
                dict(BLOCK_O=64, BLOCK_K=64, BLOCK_P=64, num_warps=4, num_stages=4)]
 
 
-def kernels():
-    """fxlra.kernels, or in a source checkout the kernels/ folder under that name."""
-    try:
-        return importlib.import_module("fxlra.kernels")
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location(
-            "fxlra.kernels", ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["fxlra.kernels"] = package
-        spec.loader.exec_module(package)
-        fxlra.kernels = package
-        return package
-
-
-K = kernels()
+K = fxlra.kernels
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -211,7 +195,7 @@ def pseudo_conv_section(clock, device, dtype, batch, smoke, bandwidth):
             lambda cfg: K.pseudo_conv_update(x, noise, e, nmasks, scale=1 / batch, config=cfg),
             configs))
 
-        def materialised_update():                    # fxlra.local's rule (einsum)
+        def materialised_update():                    # fxlra.ops.local's rule (einsum)
             with autocast:
                 return local.perturbative_grads(m, x, e)
 

@@ -14,8 +14,8 @@ neither a GPU nor the memory of a batch of 256.
 
 The floors are no timings: they say how much work each step has, and so whether a goal such as
 "fxlra step <= 0.7x compiled backprop" is within reach when both run equally well. The last
-columns scale each floor by backprop's measured/floor ratio from DESIGN.md's anchors (ResNet-18
-only).
+columns scale each floor by backprop's measured/floor ratio from the anchors in docs/gpu.md,
+"Performance targets" (ResNet-18 only).
 """
 import argparse
 import contextlib
@@ -32,12 +32,13 @@ from torch.utils.flop_counter import flop_registry
 
 import fxlra
 import fxlra.kernels as K
-from fxlra import local, models
+from fxlra import models
+from fxlra.ops import local
 from fxlra.nn import LEAF_MODULES
 
 PEAK_FLOPS = 989e12          # H200 dense bf16 tensor-core peak, FLOP/s
-BANDWIDTH = 4.2e12           # H200 device copy bandwidth, bytes/s (DESIGN.md section 3)
-ANCHORS_MS = {"resnet18": {"eager": 20.1, "compiled": 15.0}}       # backprop, DESIGN.md
+BANDWIDTH = 4.2e12           # H200 device copy bandwidth, bytes/s (docs/gpu.md, "Performance targets")
+ANCHORS_MS = {"resnet18": {"eager": 20.1, "compiled": 15.0}}       # backprop, docs/gpu.md
 CASES = {   # name -> (model factory, input shape, batch, compile options)
     "resnet18": (lambda: models.resnet18(), (3, 224, 224), 256, dict(wiring="residual")),
     "presnet18": (lambda: models.presnet18(classes=1000, cifar=False), (3, 224, 224), 256,

@@ -1,16 +1,18 @@
-"""``fxlra.compile``: the pipeline from a model to a :class:`~fxlra.program.Program`, one line
-a stage: check the options, trace (frontend), find the error sites and owners (analysis), wire
-the error graph, build the error synapses, verify the Plan, place it on the devices, and
-generate the update program (the Program's code generator).
+"""``fxlra.compile``: the pipeline from a model to a ``fxlra.Program``, one line a stage: check
+the options, trace (frontend), find the error sites and owners (analysis), wire the error graph,
+build the error synapses, verify the Plan, place it on the devices, and generate the update
+program (the Program's code generator).
 """
 import torch
 
-from . import (analysis, options as options_mod, passes, placement, rules, shapes,
-               synapses as syn, trace, wiring as wiring_mod)
+from .analysis import placement, sites as analysis, wiring as wiring_mod
+from . import options as options_mod
+from .frontend import passes, shapes, trace
+from .semantics import rules, synapses as syn
 from .errors import OptionError
-from .params import multi_op_modules
-from .plan import Plan
-from .program import Program
+from .analysis.params import multi_op_modules
+from .analysis.plan import Plan
+from .runtime.program import Program
 
 
 def _features(gm, name):

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import torch
 from torch import fx
 
-from . import rules
+from .semantics import rules
 from .errors import InputError
 
 MODEL, SYNAPSES = "model.", "synapses."

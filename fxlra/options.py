@@ -6,10 +6,13 @@ first bad option before anything is traced. What the program computes is here; w
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from . import placement, presets, registry, rules, scope as scope_mod, synapses as syn
+from .analysis import placement, scope as scope_mod
+from . import presets
+from .ops import registry
+from .semantics import rules, synapses as syn
 from .errors import OptionError
-from .health import NONFINITE
-from .params import SHARED_PARAMS
+from .runtime.health import NONFINITE
+from .analysis.params import SHARED_PARAMS
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 

@@ -6,7 +6,7 @@ train (benchmarks/learning.py), and the paper's own mechanisms, one switch away.
                  block (the paper's hybrid, Section 3); "layer": every activation is a site
                  (the per-layer rule)
     error_rule   "bootstrap": each error synapse is fitted to the error of the sites that read
-                 its child, carried back by their local VJP (fxlra/bootstrap.py); "hebbian-z":
+                 its child, carried back by their local VJP (fxlra/analysis/bootstrap.py); "hebbian-z":
                  +gamma z_i e_j^T (the paper's rule for its MNIST models)
     norm_error   "vjp": a normalisation layer carries the error by its input-VJP with the
                  statistics the forward used; "pass": unchanged (the paper)

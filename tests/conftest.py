@@ -81,13 +81,11 @@ def _warm_up(te, pc, rp):
 def _load_kernels():
     """(whether Triton and the kernel modules run in this suite's mode, {name: module}); the
     modules are {} without Triton."""
-    from kernel_loader import kernels_package
     with env("TRITON_INTERPRET", "1") if INTERPRET else contextlib.nullcontext():
         try:
             language = importlib.import_module("triton.language")
         except ImportError:
             return False, {}
-        kernels_package()
         modules = {n: importlib.import_module(f"fxlra.kernels.{n}") for n in KERNEL_NAMES}
         snippets = [modules["target_error"].ACTIVATIONS["relu"].snippet]
         fresh = all(_interpreted(f) == INTERPRET for f in

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fxlra
-from fxlra import shapes
+from fxlra.frontend import shapes
 from conftest import make_cnn, make_mlp
 from helpers import assert_matches_reference, assert_updates_match
 

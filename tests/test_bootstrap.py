@@ -1,5 +1,5 @@
 """error_rule="bootstrap": each error synapse is fitted by least squares to c_i, the error of the
-sites that read z_i carried back to z_i by their own local VJP (fxlra/bootstrap.py). These tests
+sites that read z_i carried back to z_i by their own local VJP (fxlra/analysis/bootstrap.py). These tests
 check c_i against autograd on the same graph cut at every site, the synapse update against the
 least-squares gradient, the generated program against the reference, and the option's errors."""
 import copy

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import fxlra
-from fxlra import local
+from fxlra.ops import local
 from conftest import CUDA_PARAM_MARKS, make_cnn, make_mlp, needs_cuda
 from helpers import assert_matches_reference, assert_updates_match, close
 

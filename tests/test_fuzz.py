@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fxlra
-from fxlra import shapes
+from fxlra.frontend import shapes
 from helpers import assert_matches_reference, close
 from strategies import (DTYPE, HEADS, SETTINGS, SPEC_PRESETS as PRESETS, UNTRACEABLE, Lambda,
                         NumpyCall, Recurrent, build_spec_net as build, specs, wiring_of)

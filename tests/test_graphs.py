@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the step (``cuda_graph=True``, fxlra.graphs).
+"""CUDA-graph replay of the step (``cuda_graph=True``, fxlra.runtime.graphs).
 
 On the CPU a stand-in backend keeps what matters about a replay: it writes its outputs into the
 tensors the capture returned (so anything the step keeps must be copied), and it fails if a
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fxlra
-from fxlra import graphs
+from fxlra.codegen.support import graphs
 from fxlra.errors import NumericalError, OptionError
 
 from conftest import make_cnn, needs_cuda

@@ -1,4 +1,4 @@
-"""fxlra.health through Program.step: a non-finite loss, error or update stops the step before
+"""fxlra.runtime.health through Program.step: a non-finite loss, error or update stops the step before
 anything changes and names the step and the first site in the error graph's order; the "skip"
 option and its limit; inputs of the wrong shape or dtype (docs/design.md section 4)."""
 import pytest

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fxlra import registry, rules
+from fxlra import rules
+from fxlra.ops import registry
 from conftest import KERNEL_DEVICE as DEVICE
 from conftest import kernel_modules
 from conftest import kernel_site as site

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import CUDA, INTERPRET, KERNEL_TEST_FILES, KERNELS_FRESH, kernel_modules
-from kernel_loader import kernels_package
+import fxlra.kernels
 
 TE, PC, RP = kernel_modules()
 pytestmark = pytest.mark.usefixtures("kernel_setup")
@@ -32,7 +32,7 @@ def test_kernels_in_a_fresh_process():
 
 
 def test_package_exports_lazily_and_available_follows_the_environment(monkeypatch):
-    package = kernels_package()
+    package = fxlra.kernels
     assert package.target_and_error is TE.target_and_error
     assert package.reproject_.__name__ == "reproject_"
     with pytest.raises(AttributeError):
@@ -50,9 +50,7 @@ def test_fxlra_and_its_kernels_package_import_without_triton():
     code = ("import sys\n"
             "sys.modules['triton'] = None\n"                 # as if it were not installed
             "import fxlra\n"
-            f"sys.path.insert(0, {str(TESTS)!r})\n"
-            "from kernel_loader import kernels_package\n"
-            "k = kernels_package()\n"
+            "k = fxlra.kernels\n"
             "assert not k.available('cpu') and not k.available('cuda')\n"
             "try:\n"
             "    k.target_and_error\n"
@@ -81,10 +79,6 @@ def _compile_for_hopper(root):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    __import__("fxlra")                                  # the parent of fxlra.kernels
-    sys.path.insert(0, f"{root}/tests")
-    from kernel_loader import kernels_package
-    kernels_package()
     from fxlra.kernels import _checks, pseudo_conv as pc, reproject as rp, target_error as te
     _checks.device = lambda *args, **kwargs: None          # CPU tensors stand in for CUDA ones
     torch.cuda.get_device_properties = lambda _: type("P", (), {"multi_processor_count": 132})

@@ -6,7 +6,7 @@ Triton set-up is tests/conftest.py's."""
 import pytest
 import torch
 
-from fxlra import local
+from fxlra.ops import local
 from fxlra.nn import PerturbativeConv2d
 from conftest import KERNEL_DEVICE as DEVICE
 from conftest import expect_error, kernel_gpu, kernel_modules

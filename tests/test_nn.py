@@ -147,7 +147,7 @@ def test_perturbative_rule_equals_the_reference(c_in, width, nmasks, stride, siz
 def test_perturbative_rule_is_the_papers_sum():
     layer = PerturbativeConv2d(2, 3, nmasks=2, level=0.4, seed=0).double()
     x, e = torch.randn(4, 2, 5, 5).double(), torch.randn(4, 3, 5, 5).double()
-    dw = fxlra.local.perturbative_grads(layer, x, e)["weight"]
+    dw = fxlra.ops.local.perturbative_grads(layer, x, e)["weight"]
     n = layer.masks(5, 5)
     for o in range(3):
         for i in range(2):

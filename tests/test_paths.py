@@ -1,4 +1,4 @@
-"""fxlra.paths: critical paths counted on the generated program. The error stage of a direct
+"""fxlra.codegen.paths: critical paths counted on the generated program. The error stage of a direct
 wiring does not grow with the network's depth; a pairwise chain's does; backprop's backward
 always does."""
 import ast
@@ -8,8 +8,8 @@ import pytest
 from torch import nn
 
 import fxlra
-from fxlra import paths
-from fxlra.paths import longest_chain
+from fxlra.codegen import paths
+from fxlra.codegen.paths import longest_chain
 
 from conftest import make_cnn
 

@@ -1,4 +1,4 @@
-"""fxlra.placement: independent error subtrees on different devices. With two "devices" that are
+"""fxlra.analysis.placement: independent error subtrees on different devices. With two "devices" that are
 both the CPU the generated program's copies are real statements but move nothing, so its updates
 must equal the one-device program's exactly; with two GPUs the same test runs across them."""
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxlra
-from fxlra import placement
+from fxlra.analysis import placement
 from fxlra.models import resnet18_cifar
 from conftest import make_mlp
 from helpers import assert_updates_match

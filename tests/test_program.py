@@ -1,4 +1,4 @@
-"""fxlra.program: the Program object (forward, parameters, state_dict, updates, step, printing,
+"""fxlra.runtime.program: the Program object (forward, parameters, state_dict, updates, step, printing,
 explain), bad input that must change nothing, compile options, synapse overrides and
 register_activation (docs/design.md section 1, "The step", "Semantics that users rely on";
 section 4 for bad input)."""

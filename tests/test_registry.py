@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import fxlra
-from fxlra import registry
+from fxlra.ops import registry
 from fxlra.nn import LocallyConnected2d, PerturbativeConv2d
 
 

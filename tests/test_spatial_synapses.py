@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import fxlra
-from fxlra import synapses as syn
+from fxlra.semantics import synapses as syn
 from helpers import assert_matches_reference
 
 

@@ -17,7 +17,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxlra
-from fxlra import codegen, streams
+from fxlra import streams
+from fxlra.codegen.support import NO_REDUCE
 from fxlra.errors import OptionError
 
 from conftest import make_cnn as small_cnn, make_mlp, needs_cuda
@@ -79,7 +80,7 @@ def simulate(prog, args, seed, sched=None):
         text = row.text.replace("return ", "RESULT = ", 1) if row.text.startswith("return ") \
             else row.text
         by_block[row.block].append(text)
-    ns = dict(prog._generated.__globals__, ST=_Token(), reduce=codegen.NO_REDUCE)
+    ns = dict(prog._generated.__globals__, ST=_Token(), reduce=NO_REDUCE)
     ns.update(args)
     queues = [[b for b in range(len(sched.streams)) if sched.streams[b] == s]
               for s in range(sched.n)]
@@ -267,8 +268,8 @@ def test_cuda_streams_return_to_the_callers_stream_after_a_failure(monkeypatch):
         if len(calls) > 2:
             raise RuntimeError("synapse failed")
         return apply(module, err, shape)
-    apply = fxlra.synapses.apply
-    monkeypatch.setattr(fxlra.synapses, "apply", fail_on_a_side_stream)
+    apply = fxlra.semantics.synapses.apply
+    monkeypatch.setattr(fxlra.semantics.synapses, "apply", fail_on_a_side_stream)
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         with pytest.raises(RuntimeError, match="synapse failed"):

@@ -1,6 +1,6 @@
-"""fxlra.trace and fxlra.passes through fxlra.compile: tracing errors that name the user's file,
+"""fxlra.frontend.trace and fxlra.frontend.passes through fxlra.compile: tracing errors that name the user's file,
 line, problem and fix; leaf_modules and concrete_args; in-place ops made out-of-place with
-identical numerics and without touching the user's model (docs/design.md section 1, "trace")."""
+identical numerics and without touching the user's model (docs/design.md section 2.1, "Trace")."""
 import os
 
 import pytest

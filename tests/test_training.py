@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from fxlra import metrics, training
+from fxlra import training
+from fxlra.train import metrics
 from fxlra.errors import DataError
 from test_data import write_cifar, write_image_folder, write_mnist
 

@@ -3,7 +3,7 @@
 
 fx traces into user modules, so compile models holding these layers with
 ``fxlra.compile(model, leaf_modules=fxlra.nn.LEAF_MODULES, ...)``: each layer is then one op
-with its own rec-LRA rule ("perturbative", "locally-connected" in fxlra.local).
+with its own rec-LRA rule ("perturbative", "locally-connected" in fxlra.ops.local).
 """
 from .locally_connected import LocallyConnected2d
 from .perturbative import PerturbativeConv2d, Replacements, perturbative

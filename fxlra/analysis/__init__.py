@@ -1,0 +1,1 @@
+"""From a graph to a Plan: error sites, owners, wiring, scope, placement."""

@@ -1,0 +1,1 @@
+"""From a Plan to the generated update program: statements, streams, critical paths."""

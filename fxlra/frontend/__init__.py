@@ -1,0 +1,1 @@
+"""From a model to a traced graph: symbolic tracing, graph passes, shapes."""

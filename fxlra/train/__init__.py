@@ -1,0 +1,1 @@
+"""Training loops, command-line flags, metrics and data sets."""
