@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fxlra
-from fxlra.codegen.support import graphs
+from fxlra.runtime import graphs
 from fxlra.errors import NumericalError, OptionError
 
 from conftest import make_cnn, needs_cuda

@@ -1,4 +1,4 @@
-"""Triton kernels of fxlra, installed as ``fxlra.kernels``.
+"""Triton kernels of fxlra (``fxlra.kernels``).
 
     target_and_error(h, z, d, activation, *, beta, alpha, kappa, params, channel_dim,
                      with_target)                      -> (y, e, sq)      target_error.py
