@@ -36,19 +36,12 @@ MODELS = {  # name -> (factory(args), extra fxlra.compile keywords, default widt
 DEFAULTS = dict(algo="both", epochs=100, batch_size=32, optimizer="adam", lr=1e-3,
                 weight_decay=0.0, wiring=None, error_rule="bootstrap", beta=0.1, gamma=1.0,
                 alpha=[1.0], clip=1.0, error_init_std=0.05, output_dir="runs/cifar10")
-PAPER_VALUES = dict(batch_size=10, optimizer="adamw", lr=1e-4, weight_decay=0.01,
-                    error_rule="hebbian-d", beta=0.1205, gamma=0.1524, alpha=[0.19, 0.24],
-                    error_init_std=1.0)
-PAPER = dict(epochs="100 (160 in the conv/pconv study)", batch_size="10", optimizer="adamw",
+PAPER_VALUES = training.PAPER_CNN_VALUES
+PAPER = dict(training.PAPER_CNN_NOTES, epochs="100 (160 in the conv/pconv study)",
              lr="1e-4; 1e-3 decayed 10x at 60, 90, 120, 150 in the conv/pconv study",
              lr_steps="none; 60 90 120 150 in the conv/pconv study",
              weight_decay="not stated", wiring="residual for the ResNets (skip gap 2); skip2 for "
-             "the CNN (its best skip gap); default here: residual, lcnet skip2",
-             error_rule="hebbian-d", beta="0.1205", gamma="0.1524",
-             alpha="0.19 at depth 1, 0.24 at depth 2",
-             clip="re-projection used, radius not stated",
-             error_init_std="1.0 (unit Gaussian)",
-             recursion_depth="2")
+             "the CNN (its best skip gap); default here: residual, lcnet skip2")
 
 
 def build_parser():
@@ -59,11 +52,7 @@ def build_parser():
     p.add_argument("--width", type=int, default=None,
                    help="base width: ResNet channels of the first stage (64), lcnet channels of "
                         "the first layer (16) (default: the model's)")
-    p.add_argument("--nmasks", type=int, default=1,
-                   help="presnet18: noise masks per input channel (default: %(default)s; paper: "
-                        "160 masks per layer, 64 in the conv/pconv study)")
-    p.add_argument("--noise-level", type=float, default=0.1,
-                   help="presnet18: std of the noise masks (default: %(default)s; paper: 0.1)")
+    training.perturbative_flags(p, "160 masks per layer, 64 in the conv/pconv study")
     p.add_argument("--no-gcn", dest="gcn", action="store_false",
                    help="skip global contrast normalisation (paper: applied)")
     p.add_argument("--no-zca", dest="zca", action="store_false",

@@ -40,15 +40,9 @@ DEFAULTS = dict(algo="reclra", epochs=100, batch_size=32, optimizer="adam", lr=1
                 weight_decay=0.0, wiring="residual", error_rule="bootstrap", beta=0.1, gamma=1.0,
                 alpha=[1.0], clip=1.0, error_init_std=0.05, workers=16, print_freq=100,
                 output_dir="runs/imagenet")
-PAPER_VALUES = dict(batch_size=10, optimizer="adamw", lr=1e-4, weight_decay=0.01,
-                    error_rule="hebbian-d", beta=0.1205, gamma=0.1524, alpha=[0.19, 0.24],
-                    error_init_std=1.0)
-PAPER = dict(epochs="100 (its timing is over 90)", batch_size="10", optimizer="adamw",
-             lr="1e-4", weight_decay="not stated", wiring="residual", error_rule="hebbian-d",
-             beta="0.1205", gamma="0.1524", alpha="0.19 at depth 1, 0.24 at depth 2",
-             clip="re-projection used, radius not stated",
-             error_init_std="1.0 (unit Gaussian)",
-             recursion_depth="2")
+PAPER_VALUES = training.PAPER_CNN_VALUES
+PAPER = dict(training.PAPER_CNN_NOTES, epochs="100 (its timing is over 90)", lr="1e-4",
+             weight_decay="not stated", wiring="residual")
 
 
 def build_parser():
@@ -59,11 +53,7 @@ def build_parser():
     p.add_argument("--width", type=int, default=64,
                    help="channels of the first stage (default: %(default)s; small values "
                         "for tests)")
-    p.add_argument("--nmasks", type=int, default=1,
-                   help="presnet18: noise masks per input channel (default: %(default)s; "
-                        "paper: 256 masks per layer)")
-    p.add_argument("--noise-level", type=float, default=0.1,
-                   help="presnet18: std of the noise masks (default: %(default)s; paper: 0.1)")
+    training.perturbative_flags(p, "256 masks per layer")
     p.add_argument("--image-size", type=int, default=224,
                    help="training crop and validation crop size (default: %(default)s; "
                         "paper: 224)")

@@ -76,13 +76,6 @@ def test_blocks_g_follows_algorithm_1(chain, g):
     assert parents(prog) == {**expected_blocks(inner, root, g), root: []}
 
 
-def test_blocks_2_on_six_sites_by_hand(chain):
-    prog = fxlra.compile(chain, wiring=fxlra.wiring.blocks(2))
-    (s1, s2, s3, s4, s5, s6), root = inner_and_root(prog)
-    assert parents(prog) == {s1: [s2], s2: [root], s3: [s4], s4: [root], s5: [s6], s6: [root],
-                             root: []}
-
-
 @pytest.mark.parametrize("g", [1, 2, 3, N_HIDDEN, N_HIDDEN + 3])
 def test_skip_g_parent_is_g_positions_downstream(chain, g):
     prog = fxlra.compile(chain, wiring=fxlra.wiring.skip(g))
@@ -90,11 +83,15 @@ def test_skip_g_parent_is_g_positions_downstream(chain, g):
     assert parents(prog) == {**expected_skip(inner, root, g), root: []}
 
 
-def test_skip_2_on_six_sites_by_hand(chain):
-    prog = fxlra.compile(chain, wiring=fxlra.wiring.skip(2))
-    (s1, s2, s3, s4, s5, s6), root = inner_and_root(prog)
-    assert parents(prog) == {s1: [s3], s2: [s4], s3: [s5], s4: [s6], s5: [root], s6: [root],
-                             root: []}
+@pytest.mark.parametrize("wiring, expected", [
+    ("blocks", lambda s1, s2, s3, s4, s5, s6, root: {s1: [s2], s2: [root], s3: [s4], s4: [root],
+                                                     s5: [s6], s6: [root], root: []}),
+    ("skip", lambda s1, s2, s3, s4, s5, s6, root: {s1: [s3], s2: [s4], s3: [s5], s4: [s6],
+                                                   s5: [root], s6: [root], root: []})])
+def test_gap_2_on_six_sites_by_hand(chain, wiring, expected):
+    prog = fxlra.compile(chain, wiring=getattr(fxlra.wiring, wiring)(2))
+    inner, root = inner_and_root(prog)
+    assert parents(prog) == expected(*inner, root)
 
 
 def test_skip_1_equals_pairwise(chain):

@@ -65,6 +65,28 @@ OPTIONS = (  # flags, keywords, help; "{paper}" is filled with the script's PAPE
 )
 
 
+# the CNN experiments' settings in the paper, which --paper-settings applies
+PAPER_CNN_VALUES = dict(batch_size=10, optimizer="adamw", lr=1e-4, weight_decay=0.01,
+                        error_rule="hebbian-d", beta=0.1205, gamma=0.1524, alpha=[0.19, 0.24],
+                        error_init_std=1.0)
+
+# what the paper says of them, for the help text (each script adds its epochs, lr, wiring)
+PAPER_CNN_NOTES = dict(batch_size="10", optimizer="adamw", error_rule="hebbian-d",
+                       beta="0.1205", gamma="0.1524", alpha="0.19 at depth 1, 0.24 at depth 2",
+                       clip="re-projection used, radius not stated",
+                       error_init_std="1.0 (unit Gaussian)", recursion_depth="2")
+
+
+def perturbative_flags(p, paper_masks):
+    """--nmasks and --noise-level of the pResNet-18 scripts (``paper_masks``: what the paper
+    used, for the help text)."""
+    p.add_argument("--nmasks", type=int, default=1,
+                   help="presnet18: noise masks per input channel (default: %(default)s; "
+                        f"paper: {paper_masks})")
+    p.add_argument("--noise-level", type=float, default=0.1,
+                   help="presnet18: std of the noise masks (default: %(default)s; paper: 0.1)")
+
+
 def parser(description, defaults, paper):
     """The flags every training script shares; ``defaults`` sets the script's values and
     ``paper`` maps an option's dest to what the paper used (shown in ``--help``)."""

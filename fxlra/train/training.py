@@ -38,7 +38,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 
 from ..runtime import checkpoint, distributed as fdist
 from . import metrics
-from .flags import compile_options, parse, parser  # noqa: F401 (the scripts' entry points)
+# the scripts' entry points (training.parser, training.parse, ...)
+from .flags import (PAPER_CNN_NOTES, PAPER_CNN_VALUES, compile_options, parse,  # noqa: F401
+                    parser, perturbative_flags)
 from ..errors import NumericalError
 from ..compiler import compile as compile_program
 from ..semantics.rules import reproject_all
