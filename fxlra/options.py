@@ -66,26 +66,20 @@ def check(*, preset, scope, norm_error, map_synapse, error_rule, error_init_std,
     for name, allowed in (("norm_error", registry.NORM_ERRORS), ("map_synapse", syn.MAP_SYNAPSES),
                           ("scope", scope_mod.SCOPES), ("shared_params", SHARED_PARAMS)):
         check_choice(name, o[name], allowed)
-    if o.nonfinite not in NONFINITE:
-        raise OptionError(f"nonfinite={o.nonfinite!r} is not supported; choose one of "
-                          f"{list(NONFINITE)}")
+    check_choice("nonfinite", o.nonfinite, NONFINITE)
     if not isinstance(o.max_skips, int) or isinstance(o.max_skips, bool) or o.max_skips < 1:
         raise OptionError(f"max_skips must be an int >= 1 (consecutive skipped steps allowed "
                           f"before the run stops), got {o.max_skips!r}")
     devices = placement.check_devices(devices)
     _check_streams(o.streams, devices, o.cuda_graph)
-    if o.kernels not in KERNEL_CHOICES:
-        raise OptionError(f"kernels={o.kernels!r} is not supported; choose one of "
-                          f"{list(KERNEL_CHOICES)}")
+    check_choice("kernels", o.kernels, KERNEL_CHOICES)
     return o, devices
 
 
 def _check_rules(o, error_init_std):
-    choices = (("loss", o.loss, rules.LOSSES), ("local_rule", o.local_rule, rules.LOCAL_RULES),
-               ("error_rule", o.error_rule, tuple(rules.ERROR_RULES)))
-    for name, value, allowed in choices:
-        if value not in allowed:
-            raise OptionError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+    for name, allowed in (("loss", rules.LOSSES), ("local_rule", rules.LOCAL_RULES),
+                          ("error_rule", tuple(rules.ERROR_RULES))):
+        check_choice(name, o[name], allowed)
     for name, value in (("beta", o.beta), ("gamma", o.gamma), ("error_init_std", error_init_std)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise OptionError(f"{name} must be a number, got {value!r}")
@@ -103,7 +97,7 @@ def _check_rules(o, error_init_std):
 
 
 def check_choice(name, value, allowed):
-    """Raise OptionError unless ``value`` is one of ``allowed``."""
+    """Raise OptionError unless ``value`` is one of ``allowed`` (strings)."""
     if not isinstance(value, str) or value not in allowed:
         raise OptionError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
 
