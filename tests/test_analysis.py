@@ -662,3 +662,29 @@ def test_a_negative_index_into_a_tuple_carries_its_error():
     updates, _ = assert_matches_reference(prog, x, y, "float32")
     assert "chunk" in next(s for s in prog.plan.sites if "fc1" in s.ops).region
     assert_updates_match(updates, same, "float32")
+
+
+class _MaskedResidual(nn.Module):
+    """A boolean mask (x > 0.5) computed inside the first residual block's span."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 4))
+        self.shortcut, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = x.masked_fill(x > 0.5, 0.0)
+        return self.out(torch.tanh(self.body(h) + self.shortcut(h)))
+
+
+@pytest.mark.parametrize("scope", ["block", "stage"])
+def test_a_boolean_mask_inside_a_block_joins_no_region(scope):
+    """A block's region takes its unowned inner values, but not a boolean or integer one: no
+    error is carried into a mask (the step used to ask torch.func for the mask's VJP)."""
+    torch.manual_seed(0)
+    model = _MaskedResidual().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    prog = fxlra.compile(model, scope=scope, example_inputs=(x,))
+    region = {n for s in prog.plan.sites for n in s.region}
+    assert "masked_fill" in region and "gt" not in region
+    assert_matches_reference(prog, x, torch.tensor([0, 1, 2, 0, 1]))

@@ -341,8 +341,8 @@ def analyse(gm, model, loss_phi="softmax", example_inputs=None, scope="layer",
     if scope in ("block", "stage"):
         node_order = {n.name: k for k, n in enumerate(nodes)}
         units = blocks if scope == "block" else stages_of(blocks, scopes.STAGE_BLOCKS)
-        derived = {n.name for n, yes in from_input.items()
-                   if yes and n.op != "placeholder" and shapes.tensor_valued(n)}
+        derived = {n.name for n, yes in from_input.items() if yes and n.op != "placeholder"
+                   and shapes.tensor_valued(n) and not _carries_no_error(n)}
         sites, rules, blocks = scopes.join_blocks(g, tuple(sites), tuple(rules), units,
                                                   [o.name for o in outputs], node_order, derived)
         site_names = {s.name for s in sites}
