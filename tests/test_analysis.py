@@ -688,3 +688,35 @@ def test_a_boolean_mask_inside_a_block_joins_no_region(scope):
     region = {n for s in prog.plan.sites for n in s.region}
     assert "masked_fill" in region and "gt" not in region
     assert_matches_reference(prog, x, torch.tensor([0, 1, 2, 0, 1]))
+
+
+class _Swapped(nn.Module):
+    """The input's halves swapped, by a reversed slice of chunk() or by hand, before a residual
+    block: under scope="stage" the block's region takes the swap."""
+
+    def __init__(self, sliced):
+        super().__init__()
+        self.sliced = sliced
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 4))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.sliced:
+            h = torch.cat(x.chunk(2, -1)[::-1], -1)
+        else:
+            h = torch.cat([x[:, 2:], x[:, :2]], -1)
+        return self.out(torch.tanh(self.body(h) + h))
+
+
+def test_an_error_crosses_a_sliced_tuple_to_the_parts_it_took():
+    """x.chunk(2, -1)[::-1] inside a block's region: the error of each part of the slice goes
+    to the chunk it came from (the step used to fail building {slice: cotangent}), and the
+    updates equal those of the same swap written by hand."""
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    progs = []
+    for sliced in (True, False):
+        torch.manual_seed(0)                       # the same weights and synapses for both
+        progs.append(fxlra.compile(_Swapped(sliced).double(), example_inputs=(x,)))
+    assert "getitem" in {n for s in progs[0].plan.sites for n in s.region}
+    updates, _ = assert_matches_reference(progs[0], x, y)
+    assert_updates_match(updates, progs[1].updates(x, y), "float64")

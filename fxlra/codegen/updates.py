@@ -95,7 +95,7 @@ class UpdateStage:
             return
         var, note = f"cot_{name}", self._shape_note(name)
         before = self._alias.pop(var, var)               # what cot_name reads so far
-        if name in defined and expr.startswith("{"):     # parts of a tuple-valued op's output
+        if name in defined and _tuple_parts(expr):       # parts of a tuple-valued op's output
             self.src.add(f"{var} = local.add_cotangents({before}, {expr})", [var],
                          uses + [before], note)
         elif name in defined:
@@ -121,7 +121,7 @@ class UpdateStage:
     def _bootstrap_part(self, name, expr, uses):
         """Add this site's error, carried back to the value ``name`` that its region reads
         (a child site or an op no site owns), into c_name (error_rule="bootstrap")."""
-        if expr.startswith("{"):                         # a tuple part: not a site's value
+        if _tuple_parts(expr):                           # a tuple part: not a site's value
             return
         scale = self._here[1]
         part = expr if scale == 1.0 else f"{scale!r} * {expr}"
@@ -153,7 +153,10 @@ class UpdateStage:
             return
         if node.op == "call_function" and node.target is operator.getitem and \
                 shapes.shape_of(node.args[0]) is None:
-            self._cot(node.args[0].name, f"{{{node.args[1]!r}: {c}}}", defined, [c])
+            parts, index = node.args
+            expr = f"{{{index!r}: {c}}}" if not isinstance(index, slice) else \
+                f"local.sliced_parts({c}, {self.fmt(index)}, {parts.name})"
+            self._cot(parts.name, expr, defined, [c] if expr[0] == "{" else [c, parts.name])
             return
         if row.concat:
             tensors = node.args[0]
@@ -310,6 +313,11 @@ class UpdateStage:
             for k, (pname, _) in enumerate(self.synapses[edge.key].named_parameters()):
                 self.update_names.append((f"synapses.{edge.key}.{pname}", f"{target}[{k}]",
                                           target))
+
+
+def _tuple_parts(expr):
+    """Whether a cotangent expression holds parts of a tuple-valued op ({index: cotangent})."""
+    return expr.startswith(("{", "local.sliced_parts("))
 
 
 def _leaves(node):

@@ -185,6 +185,13 @@ def reduce_to(c, shape):
     return c.sum(dims, keepdim=True) if dims else c
 
 
+def sliced_parts(c, index, parts):
+    """The VJP of ``parts[index]`` (a tuple sliced, ``chunks[::-1]``) for its cotangent
+    {position in the slice: cotangent}: the same cotangents at the tuple's own positions."""
+    positions = range(len(parts))[index]
+    return {positions[k]: v for k, v in c.items()}
+
+
 def cat_part(c, dim, inputs, k):
     """The VJP of torch.cat for its k-th input: that input's slice of the cotangent."""
     start = sum(t.shape[dim] for t in inputs[:k])

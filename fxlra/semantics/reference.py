@@ -194,7 +194,9 @@ class _Run:
             return out
         if node.op == "call_function" and node.target is operator.getitem and \
                 isinstance(self.env[node.args[0].name], (tuple, list)):
-            return [(node.args[0].name, {node.args[1]: c})]
+            parts, index = self.env[node.args[0].name], node.args[1]
+            part = local.sliced_parts(c, index, parts) if isinstance(index, slice) else {index: c}
+            return [(node.args[0].name, part)]
         leaves = {a.name: self.env[a.name].detach().requires_grad_() for a in inputs}
         grads = _local_grad(lambda: self._pure_rerun(node, leaves), list(leaves.values()), c)
         return list(zip(leaves, grads))
