@@ -4,15 +4,17 @@ site's updates, an error synapse's update, the final scale). Rendering frees eve
 its last use; ``fxlra.streams`` uses the blocks to place work on parallel CUDA streams.
 """
 import dataclasses
-import io
 import re
 import textwrap
-import tokenize
 from dataclasses import dataclass
 
 from ..frontend import shapes
 
 WIDTH = 100         # the longest line rendering makes (a single argument may be longer)
+# the tokens of a generated statement that rendering looks at: string literals (skipped whole),
+# numbers (so that 1e-3 holds no name), names, and brackets and commas
+_TOKENS = re.compile(r"""(?P<string>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")|(?P<number>\d[\w.]*)"""
+                     r"|(?P<name>[A-Za-z_]\w*)|(?P<mark>[()\[\]{},])")
 
 
 @dataclass
@@ -90,13 +92,14 @@ def _wrapped(text, note=""):
     value's shape) trails the last line where it fits."""
     cuts, depth = [], 0
     if len(text) + 4 > WIDTH:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.type == tokenize.OP and tok.string in "([{":
+        for tok in _TOKENS.finditer(text):
+            mark = tok.group("mark")
+            if mark and mark in "([{":
                 depth += 1
-            elif tok.type == tokenize.OP and tok.string in ")]}":
+            elif mark and mark in ")]}":
                 depth -= 1
-            elif tok.type == tokenize.OP and tok.string == "," and depth:
-                cuts.append(tok.end[1])
+            elif mark == "," and depth:
+                cuts.append(tok.end())
     pieces = [text[a:b].strip() for a, b in zip([0] + cuts, cuts + [len(text)])]
     lines = [pieces[0]]
     for piece in pieces[1:]:
@@ -128,12 +131,8 @@ def rename(rows, new_name):
         if row.text.startswith("#"):
             out.append(row)
             continue
-        text, spans = row.text, []
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.type == tokenize.NAME and new_name(tok.string) != tok.string:
-                spans.append((tok.start[1], tok.end[1], new_name(tok.string)))
-        for start, end, name in reversed(spans):
-            text = text[:start] + name + text[end:]
+        text = _TOKENS.sub(lambda t: new_name(t.group("name")) if t.group("name") else t.group(0),
+                           row.text)
         out.append(dataclasses.replace(row, text=text, defs=tuple(map(new_name, row.defs)),
                                        uses=tuple(map(new_name, row.uses))))
     return out
