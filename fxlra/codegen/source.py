@@ -126,15 +126,22 @@ def _wrapped_del(names):
 def rename(rows, new_name):
     """The rows with every name token of their code (not strings, not comments) passed
     through ``new_name`` (a name -> name function)."""
+    names = {}                                    # each distinct name is renamed once
+
+    def renamed(name):
+        if name not in names:
+            names[name] = new_name(name)
+        return names[name]
+
     out = []
     for row in rows:
         if row.text.startswith("#"):
             out.append(row)
             continue
-        text = _TOKENS.sub(lambda t: new_name(t.group("name")) if t.group("name") else t.group(0),
+        text = _TOKENS.sub(lambda t: renamed(t.group("name")) if t.group("name") else t.group(0),
                            row.text)
-        out.append(dataclasses.replace(row, text=text, defs=tuple(map(new_name, row.defs)),
-                                       uses=tuple(map(new_name, row.uses))))
+        out.append(dataclasses.replace(row, text=text, defs=tuple(map(renamed, row.defs)),
+                                       uses=tuple(map(renamed, row.uses))))
     return out
 
 
