@@ -58,7 +58,7 @@ class UpdateStage:
         derivative = row.derivative
         if derivative is not None:
             return f"{self.glob(derivative, 'derivative_' + name)}({value})"
-        fn = self.glob(_jvp_derivative, "jvp_derivative")
+        fn = self.glob(local.recorded_prime, "jvp_derivative")
         return f"{fn}({self.opcall(node)}, {value})"
 
     def _site_updates(self, site):
@@ -329,8 +329,3 @@ def _leaves(node):
 def _node_free(v):
     return isinstance(v, (tuple, list)) and len(v) > 0 and not any(
         isinstance(t, fx.Node) for t in torch.utils._pytree.tree_leaves(v))
-
-
-def _jvp_derivative(call, h):
-    """phi'(h) for an elementwise activation without a listed derivative (forward-mode)."""
-    return torch.func.jvp(call.apply_to, (h,), (torch.ones_like(h),))[1]
