@@ -7,9 +7,9 @@ import torch
 
 from .analysis import placement, sites as analysis, wiring as wiring_mod
 from . import options as options_mod
-from .frontend import passes, shapes, trace
+from .frontend import export as export_mod, passes, shapes, trace
 from .semantics import rules, synapses as syn
-from .errors import OptionError
+from .errors import OptionError, TraceError
 from .analysis.params import multi_op_modules
 from .analysis.plan import Plan
 from .runtime.program import Program
@@ -26,7 +26,7 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
             error_init_std=0.05, synapses=None, leaf_modules=(), concrete_args=None,
             example_inputs=None, nonfinite="raise", max_skips=10, kernels="auto", devices=None,
             streams="auto", cuda_graph=False, preset=None, scope=None, norm_error=None,
-            map_synapse=None, shared_params="sum"):
+            map_synapse=None, shared_params="sum", frontend="auto", example_kwargs=None):
     """Trace ``model``, find its error sites, wire them, and return a :class:`Program`.
 
     See the README for every option and the paper's value of each in each experiment.
@@ -37,7 +37,8 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
         max_skips=max_skips, kernels=kernels, devices=devices, streams=streams,
         cuda_graph=cuda_graph, preset=preset, scope=scope, norm_error=norm_error,
         map_synapse=map_synapse, shared_params=shared_params)
-    gm = _trace(model, leaf_modules, concrete_args)
+    gm, example_inputs = _capture(model, frontend, leaf_modules, concrete_args, example_inputs,
+                                  example_kwargs)
     sites, params, site_graph = analysis.analyse(gm, model, rules.OUTPUT_PHI[options.loss],
                                                  example_inputs, options.scope,
                                                  options.shared_params)
@@ -49,6 +50,41 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     where = _place(model, gm, plan, modules, devices)
     prog = Program(model, gm, plan, graph, modules, options, devices=devices, placement=where)
     return prog.train(model.training)
+
+
+def _capture(model, frontend, leaf_modules, concrete_args, example_inputs, example_kwargs):
+    """(the model's graph, the example batch as its inputs): symbolic tracing, torch.export, or
+    with ``frontend="auto"`` the first that works; ``gm.meta["frontend"]`` says which, and why."""
+    options_mod.check_choice("frontend", frontend, export_mod.FRONTENDS)
+    if frontend == "export":
+        return _exported(model, example_inputs, example_kwargs, "frontend='export'")
+    if example_kwargs and frontend == "fx":
+        raise OptionError("example_kwargs= is for frontend='export' (symbolic tracing takes "
+                          "the model's inputs positionally); fix keyword inputs with "
+                          "concrete_args={name: value} instead")
+    try:
+        gm = _trace(model, leaf_modules, concrete_args)
+    except TraceError as exc:
+        if frontend == "fx":
+            raise
+        if example_inputs is None and not example_kwargs:
+            raise TraceError(f"{exc} Or pass an example batch (example_inputs=x) so that fxlra "
+                             "captures the model with torch.export instead") from None
+        try:
+            return _exported(model, example_inputs, example_kwargs,
+                             f"torch.fx could not trace it ({getattr(exc, 'kind', exc)})")
+        except TraceError as second:
+            raise TraceError(f"{exc} torch.export could not capture it either: "
+                             f"{second.reason}") from None
+    gm.meta["frontend"] = ("fx", "torch.fx symbolic tracing")
+    return gm, example_inputs
+
+
+def _exported(model, example_inputs, example_kwargs, why):
+    gm, inputs = export_mod.export(model, example_inputs, example_kwargs)
+    gm = passes.make_out_of_place(gm)
+    gm.meta["frontend"] = ("export", f"torch.export, training mode, ATen ops: {why}")
+    return gm, inputs
 
 
 def _trace(model, leaf_modules, concrete_args):

@@ -8,6 +8,7 @@ import torch
 from .plan import Block
 
 _ADDS = {operator.add, torch.add}
+_ATEN_ADD = torch.ops.aten.add
 
 
 def node_graph(nodes):
@@ -42,7 +43,8 @@ def find_blocks(nodes, g, site_names, order, owner, op_params, from_input):
     (it reaches the block input with no site in between) and the other is not."""
     blocks = []
     for node in nodes:
-        is_add = (node.op == "call_function" and node.target in _ADDS) or \
+        is_add = (node.op == "call_function" and (
+            node.target in _ADDS or getattr(node.target, "overloadpacket", None) is _ATEN_ADD)) or \
                  (node.op == "call_method" and node.target == "add")
         operands = [a for a in node.all_input_nodes if from_input.get(a)]
         if not is_add or len(operands) != 2:

@@ -175,9 +175,12 @@ def _nearest_tensor(node, pending, modules):
     if shapes.shape_of(node) is not None and shapes.batch_first(node):
         return {node}
     found = set()
+    merging = node.meta.get("batch_first") == "merged" and registry.is_layout_op(node, modules)
     for a in node.all_input_nodes:
-        if pending.get(a):
-            found |= _nearest_tensor(_above_reshapes(a, pending, modules), pending, modules)
+        if pending.get(a):        # x.view(-1, C) of a batch-first x: the site is at x
+            start = a if merging and shapes.batch_first(a) else _above_reshapes(a, pending,
+                                                                               modules)
+            found |= _nearest_tensor(start, pending, modules)
     if not found and shapes.shape_of(node) is not None and shapes.batch_first(node, merged=True):
         return {node}           # a batch merged with another axis (windows): the best there is
     return found
@@ -185,11 +188,14 @@ def _nearest_tensor(node, pending, modules):
 
 def _above_reshapes(node, pending, modules):
     """The value a chain of reshapes, permutes and transposes started from (``node`` itself
-    when it is not such an op)."""
+    when it is not such an op), or the first batch-first value of the chain when it started
+    from a batch merged with another axis (a linear layer applied to ``x.view(-1, C)``)."""
     while registry.is_layout_op(node, modules):
         inputs = [a for a in node.all_input_nodes if pending.get(a)]
         if len(inputs) != 1 or shapes.shape_of(inputs[0]) is None:
             break
+        if shapes.batch_first(node) and not shapes.batch_first(inputs[0]):
+            break               # not up into a batch merged with another axis ((B * T, C))
         node = inputs[0]
     return node
 

@@ -31,6 +31,9 @@ _NO_OP_METHODS = {"requires_grad_", "retain_grad"}
 def _inplace_replacement(node, modules):
     """(how to rewrite, the mutated input node) for an in-place node, or None."""
     if node.op == "call_function":
+        aten = _aten_out_of_place(node)
+        if aten is not None:
+            return ("target", aten), node.args[0]
         if node.target in _INPLACE_OPERATORS:
             return ("target", _INPLACE_OPERATORS[node.target]), node.args[0]
         if node.target in _INPLACE_TORCH:
@@ -48,6 +51,19 @@ def _inplace_replacement(node, modules):
     elif node.op == "call_module" and getattr(modules[node.target], "inplace", False):
         return ("module", None), node.args[0]
     return None
+
+
+def _aten_out_of_place(node):
+    """The out-of-place overload of an in-place ATen op on a value computed from the input
+    (``aten.relu_.default`` -> ``aten.relu.default``); None for any other node, and for one
+    that updates the model's state (``aten.add_`` on BatchNorm's ``num_batches_tracked``)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
+    if not name.endswith("_") or name.endswith("__") or not node.args or \
+            not isinstance(node.args[0], torch.fx.Node) or not _from_input(node.args[0]):
+        return None
+    plain = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(plain, node.target._overloadname, None) if plain is not None else None
 
 
 _VIEW_METHODS = {"view", "narrow", "select", "transpose", "permute", "expand", "unsqueeze",

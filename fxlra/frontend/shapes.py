@@ -24,6 +24,11 @@ _AXIS_FUNCTIONS = frozenset((torch.permute, torch.transpose, torch.movedim, torc
                              torch.unbind, torch.reshape, torch.unflatten, torch.einsum,
                              torch.t))
 _AXIS_MODULES = (nn.MultiheadAttention, nn.modules.rnn.RNNBase, nn.Unflatten)
+_aten = torch.ops.aten
+_AXIS_ATEN = frozenset((_aten.permute, _aten.transpose, _aten.movedim, _aten.swapaxes,
+                        _aten.unbind, _aten.reshape, _aten.view, _aten._unsafe_view,
+                        _aten.unflatten, _aten.flatten, _aten.t, _aten.expand, _aten.repeat,
+                        _aten.einsum))
 
 
 def _flattens_batch(n, modules):
@@ -38,7 +43,8 @@ def _flattens_batch(n, modules):
 def _may_move_batch_axis(gm):
     modules = dict(gm.named_modules())
     return any((n.op == "call_method" and n.target in _AXIS_METHODS) or
-               (n.op == "call_function" and n.target in _AXIS_FUNCTIONS) or
+               (n.op == "call_function" and (n.target in _AXIS_FUNCTIONS or
+                                             getattr(n.target, "overloadpacket", 0) in _AXIS_ATEN)) or
                (n.op == "call_module" and isinstance(modules[n.target], _AXIS_MODULES)) or
                _flattens_batch(n, modules) for n in gm.graph.nodes)
 

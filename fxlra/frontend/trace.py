@@ -123,9 +123,11 @@ def trace(model, leaf_modules=(), concrete_args=None):
         frame = _user_frame(exc)
         where = f"{frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" \
             if frame else "an unknown place"
-        raise TraceError(
+        error = TraceError(
             f"fxlra could not trace {type(model).__name__}: {kind} at {where}. "
-            f"Fix: {fix}. (torch.fx said: {type(exc).__name__}: {exc})") from None
+            f"Fix: {fix}. (torch.fx said: {type(exc).__name__}: {exc})")
+        error.kind = kind          # what compile(frontend="auto") says of why it fell back
+        raise error from None
     _bind_concrete_args(model, graph, concrete_args or {})
     _check_inputs(model, graph)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)

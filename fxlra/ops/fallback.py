@@ -6,6 +6,7 @@ through it (``local_vjp``) or its parameters' weight-gradient (``module_param_vj
 import re
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UnsupportedError
 
@@ -123,7 +124,8 @@ def local_vjp(fn, args, kwargs, cot, wrt):
     recorded inputs, for the leaves of ``(args, kwargs)`` at the flat positions ``wrt``."""
     # a tensor-free tuple or list (a constant size, or one an earlier op returned) is one leaf,
     # as in the traced arguments whose flat positions ``wrt`` counts
-    leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs), is_leaf=_tensor_free)
+    leaves, spec = torch.utils._pytree.tree_flatten((_unwritten(fn, args), kwargs),
+                                                    is_leaf=_tensor_free)
 
     def partial(*chosen):
         full = list(leaves)
@@ -133,6 +135,26 @@ def local_vjp(fn, args, kwargs, cot, wrt):
         return _under_func(name, lambda: _tensors_only(fn(*a, **kw)))
     name = f"op {getattr(fn, 'name', fn)}"
     return list(_vjp(name, partial, tuple(leaves[k] for k in wrt), cot))
+
+
+# ops that write into some of their positional tensors without their schema saying so: the
+# running statistics of a normalisation in training mode
+_WRITES = {torch.ops.aten.batch_norm.default: (3, 4), torch.ops.aten.instance_norm.default: (3, 4),
+           F.batch_norm: (1, 2), F.instance_norm: (1, 2)}
+
+
+def _unwritten(fn, args):
+    """``args`` with a copy of each tensor the op writes into (its running statistics): the
+    forward already updated them once, and the VJP's second run must not again."""
+    fn = getattr(fn, "target", fn)         # an OpCall: the function it calls
+    schema = getattr(fn, "_schema", None)
+    written = set(_WRITES.get(fn, ()) if callable(fn) else ()) | ({k for k, a in enumerate(schema.arguments)
+                                            if a.alias_info is not None and a.alias_info.is_write}
+                                           if schema is not None else set())
+    if not written:
+        return args
+    return [a.clone() if k in written and isinstance(a, torch.Tensor) else a
+            for k, a in enumerate(args)]
 
 
 def module_param_vjp(module, args, kwargs, cot):

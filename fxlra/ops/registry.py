@@ -40,6 +40,7 @@ class OpKind:
     constant: bool = False               # its value ignores its inputs' values
     concat: bool = False                 # torch.cat: each input gets its slice of the error
     channel_last: bool = False           # its output keeps its features in the last axis
+    feature_axis: int = 0                # the axis of its parameters that counts its features
 
     @property
     def mixes_features(self):
@@ -117,9 +118,11 @@ _FUNCTION_ROWS = [
     ((aten.add, aten.mul, aten.div), dict(signs=(1, 1))),
     ((aten.sub,), dict(signs=(1, -1))),
     ((aten.neg,), dict(signs=(-1,))),
-    ((aten.clone, aten.dropout, aten.alias), _PASS),
+    ((aten.clone, aten.dropout, aten.alias, aten.contiguous, aten.to, aten._to_copy,
+      aten.type_as), _PASS),
     ((aten.layer_norm, aten.batch_norm, aten.group_norm), dict(norm=True, signs=(1,))),
     ((aten.linear, aten.layer_norm), dict(channel_last=True)),
+    ((aten.embedding,), dict(channel_last=True, feature_axis=-1)),
     ((aten.view, aten.reshape, aten.flatten, aten.permute, aten.transpose, aten.unflatten),
      dict(layout=True)),
     ((aten.view, aten.reshape, aten.flatten, aten.unflatten), dict(carry=carry.reshape_back)),
@@ -302,14 +305,14 @@ def feature_counts(node, modules, root):
                 return {getattr(m, name)}
         shape = getattr(m, "normalized_shape", None)
         return {shape[-1]} if shape else set()
-    counts = set()
+    counts, axis = set(), kind_of(node, modules).feature_axis
     for a in node.all_input_nodes:
         if a.op == "get_attr":
             value = root
             for part in a.target.split("."):
                 value = getattr(value, part)
             if isinstance(value, nn.Parameter) and value.dim():
-                counts.add(value.shape[0])
+                counts.add(value.shape[axis])
     return counts
 
 

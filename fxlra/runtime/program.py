@@ -113,7 +113,7 @@ class Program(nn.Module):
 
     def explain(self):
         """For every parameter: its site, its rule, and the sites its error comes from."""
-        lines = [f"{'parameter':<44} {'site':<22} {'rule':<12} error from"]
+        lines = [self._frontend_line(), f"{'parameter':<44} {'site':<22} {'rule':<12} error from"]
         depth = self.plan.depth
         crossed = {s.name: s.crosses for s in self.plan.sites if s.crosses}
         uses = collections.Counter(r.param for r in self.plan.params)
@@ -172,8 +172,18 @@ class Program(nn.Module):
         """Sequential op counts of this program's step stages and of backprop's (fxlra.codegen.paths)."""
         return paths.critical_paths(self._built.stages)
 
+    @property
+    def frontend(self):
+        """How the model's graph was captured: "fx" (symbolic tracing) or "export"
+        (torch.export's ATen graph)."""
+        return self.graph_module.meta.get("frontend", ("fx",))[0]
+
+    def _frontend_line(self):
+        how = self.graph_module.meta.get("frontend", ("fx", "torch.fx symbolic tracing"))[1]
+        return f"graph: {how}"
+
     def __repr__(self):
-        return f"fxlra.Program({type(self.model).__name__})\n{self.plan}"
+        return f"fxlra.Program({type(self.model).__name__})\n{self._frontend_line()}\n{self.plan}"
 
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
@@ -218,6 +228,15 @@ class Program(nn.Module):
             if like is not None and isinstance(t, torch.Tensor) and t.device != like.device:
                 raise InputError(f"{what} are on {t.device} but the model is on {like.device}; "
                                  f"move them with .to({str(like.device)!r})")
+        fixed = self.graph_module.meta.get("fixed_batch")
+        if fixed is not None and isinstance(inputs[0], torch.Tensor) and \
+                inputs[0].shape[:1] != (fixed,):
+            raise InputError(f"the batch has {inputs[0].shape[0]} samples but "
+                             f"{type(self.model).__name__} was captured by torch.export at its "
+                             f"example's batch size, {fixed}, because it computes with its batch "
+                             f"size (len(x), a loop over the samples); pass batches of {fixed} "
+                             "(drop_last=True), or compile with an example batch of the size "
+                             "you train with")
         out = self.plan.site(self.plan.outputs[0]).layout
         for t in inputs:
             rules.check_batch(t, y, out, self._options.loss)

@@ -15,6 +15,8 @@ LOCAL_RULES = ("hebbian", "dx")
 ERROR_RULES = {"hebbian-d": (-1.0, "d"), "hebbian-z": (1.0, "z"), "derived": (-1.0, "derived"),
                "bootstrap": (1.0, "bootstrap")}
 OUTPUT_PHI = {"cross_entropy": "softmax", "mse": "identity"}
+# a token label that gets no error and counts in no average (F.cross_entropy's default)
+IGNORE_INDEX = -100
 
 
 def at_depth(value, depth):
@@ -47,12 +49,16 @@ def check_batch(x, y, out_layout, loss):
                          f"pass class labels of shape ({batch},) or targets of shape "
                          f"({batch}, {classes})")
     if not y.is_floating_point():
-        if y.dim() != 1 or out_layout.kind != "vector":
-            raise InputError(f"class labels must have shape ({batch},) and the model must output "
-                             f"(B, classes); got labels {tuple(y.shape)}")
-        if y.min() < 0 or y.max() >= classes:
-            raise InputError(f"class labels must lie in [0, {classes - 1}]; got values from "
-                             f"{int(y.min())} to {int(y.max())}")
+        tokens = y.dim() >= 2 and out_layout.kind == "spatial" and out_layout.channel_dim == -1
+        if not tokens and (y.dim() != 1 or out_layout.kind != "vector"):
+            raise InputError(f"class labels must have shape ({batch},) for an output (B, classes),"
+                             f" or ({batch}, T) for token logits (B, T, classes); got labels "
+                             f"{tuple(y.shape)}")
+        kept = y[y != IGNORE_INDEX] if tokens else y
+        if kept.numel() and (kept.min() < 0 or kept.max() >= classes):
+            raise InputError(f"class labels must lie in [0, {classes - 1}]"
+                             f"{f' (or be {IGNORE_INDEX}, ignored)' if tokens else ''}; got values "
+                             f"from {int(kept.min())} to {int(kept.max())}")
     elif out_layout.kind == "vector" and tuple(y.shape) != (batch, classes):
         raise InputError(f"targets of shape {tuple(y.shape)} do not match the output's shape "
                          f"({batch}, {classes}); pass class labels of shape ({batch},) or "
@@ -76,6 +82,10 @@ def targets_for(v, y, loss):
         raise InputError(f"labels are on {y.device} but the model's output is on {v.device}; "
                          "move them with y.to(device)")
     if not y.is_floating_point():
+        if v.dim() > 2 and y.shape == v.shape[:-1]:        # token labels (B, T) of (B, T, V)
+            keep = (y != IGNORE_INDEX).unsqueeze(-1)
+            index = torch.where(keep, y.unsqueeze(-1), 0).long()
+            return torch.zeros_like(v).scatter_(-1, index, 1.0) * keep
         if v.dim() != 2 or y.shape != v.shape[:1]:
             raise InputError(f"class labels of shape {tuple(y.shape)} do not fit an output of "
                              f"shape {tuple(v.shape)}")
@@ -91,11 +101,19 @@ def targets_for(v, y, loss):
 
 def output_error(v, target, loss):
     """e_L and the loss value: softmax(v) - onehot(y) with the mean cross-entropy, or v - y with
-    the mean squared error."""
+    the mean squared error. Token logits (B, T, V) average over the tokens as F.cross_entropy
+    does: a token whose target row is zero (an ignored label) gets no error, and the others'
+    errors are scaled by B / (tokens kept), so that the updates (averaged over the batch) are
+    averages over the tokens."""
     if loss == "cross_entropy":
         log_p = torch.log_softmax(v, dim=-1)
         e = log_p.exp() - target
-        value = -(target * log_p).sum() / v.shape[0]
+        value = -(target * log_p).sum()
+        if v.dim() > 2:
+            keep = target.sum(-1, keepdim=True) != 0
+            kept = keep.sum().clamp(min=1)
+            return e * keep * (v.shape[0] / kept), value / kept
+        value = value / v.shape[0]
     else:
         e = v - target
         value = F.mse_loss(v, target)

@@ -1,0 +1,192 @@
+"""The torch.export frontend: ``fxlra.compile(model, frontend="export")`` and the default that
+falls back to it where symbolic tracing fails. The same model gives the same updates through
+both frontends; the ATen graph keeps the model's parameter names, buffers and batch-size
+freedom; bad input is refused with messages that name the fix."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxlra
+from fxlra import models
+from fxlra.errors import InputError, OptionError, TraceError
+from fxlra.semantics import rules
+from helpers import assert_matches_reference, assert_updates_match
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.BatchNorm1d(8),
+                         nn.ReLU(), nn.Linear(8, 3))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+
+
+class _Tokens(nn.Module):
+    """Embedding, a linear layer per token, LayerNorm and GELU, token logits (B, T, V)."""
+
+    def __init__(self, vocab=7, width=8):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(vocab, width), nn.Linear(width, width)
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        return self.head(F.gelu(self.norm(self.mix(self.embed(ids)))))
+
+
+FX_MODELS = {
+    "mlp": (_mlp, lambda: torch.randn(5, 6), lambda: torch.randint(0, 3, (5,))),
+    "cnn": (_cnn, lambda: torch.randn(4, 1, 6, 6), lambda: torch.randint(0, 3, (4,))),
+    "resnet": (lambda: models.ResNet18(3, 4, cifar=True, in_channels=1),
+               lambda: torch.randn(3, 1, 8, 8), lambda: torch.randint(0, 3, (3,))),
+    "tokens": (_Tokens, lambda: torch.randint(0, 7, (3, 5)), lambda: torch.randint(0, 7, (3, 5))),
+}
+
+
+def _compiled(name, frontend, **options):
+    build, make_x, make_y = FX_MODELS[name]
+    torch.manual_seed(0)
+    model, x, y = build().double().train(), make_x(), make_y()
+    x = x.double() if x.is_floating_point() else x
+    torch.manual_seed(1)
+    return fxlra.compile(model, example_inputs=x, frontend=frontend, **options), x, y
+
+
+@pytest.mark.parametrize("name", sorted(FX_MODELS))
+@pytest.mark.parametrize("wiring", ["residual", "direct"])
+def test_a_traceable_model_gets_the_same_updates_through_both_frontends(name, wiring):
+    fx_prog, x, y = _compiled(name, "fx", wiring=wiring)
+    ex_prog, _, _ = _compiled(name, "export", wiring=wiring)
+    assert (fx_prog.frontend, ex_prog.frontend) == ("fx", "export")
+    assert len(fx_prog.plan.sites) == len(ex_prog.plan.sites)
+    assert [s.layout for s in fx_prog.plan.sites] == [s.layout for s in ex_prog.plan.sites]
+    got, want = ex_prog.updates(x, y), fx_prog.updates(x, y)
+    # the model's parameters by name; the synapses (named after the sites) edge by edge
+    rename = {f"synapses.{a.key}.weight": f"synapses.{b.key}.weight"
+              for a, b in zip(ex_prog.plan.edges, fx_prog.plan.edges)}
+    assert_updates_match({rename.get(k, k): v for k, v in got.items()}, want, "float64")
+    assert_matches_reference(ex_prog, x, y)
+
+
+def test_the_export_graph_reads_the_models_own_parameters_and_names_them():
+    prog, x, y = _compiled("mlp", "export")
+    model = prog.model
+    assert [n for n, _ in prog.named_parameters()][:len(list(model.parameters()))] == \
+        [f"model.{n}" for n, _ in model.named_parameters()]
+    explain = prog.explain()
+    assert explain.splitlines()[0] == "graph: torch.export, training mode, ATen ops: " \
+        "frontend='export'"
+    assert "model.0.weight" in explain and "graph: torch.export" in repr(prog)
+    opt = torch.optim.SGD(prog.parameters(), lr=0.1)
+    before = model[0].weight.detach().clone()
+    prog.step(x, y)
+    opt.step()
+    assert not torch.equal(before, model[0].weight)
+    assert torch.equal(prog(x), model(x))          # the graph runs on the updated weights
+
+
+def test_batchnorm_running_statistics_advance_once_per_step():
+    prog, x, y = _compiled("cnn", "export")
+    twin = copy.deepcopy(prog.model)
+    prog.step(x, y)
+    twin(x)
+    for (name, got), (_, want) in zip(prog.model.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(got, want, msg=name)
+
+
+def test_one_exported_program_serves_every_batch_size():
+    prog, _, _ = _compiled("tokens", "export")
+    for batch in (2, 5, 9):
+        x, y = torch.randint(0, 7, (batch, 5)), torch.randint(0, 7, (batch, 5))
+        assert prog(x).shape == (batch, 5, 7)
+        assert_matches_reference(prog, x, y)
+
+
+def test_token_logits_get_the_error_and_loss_of_mean_token_cross_entropy():
+    torch.manual_seed(0)
+    v = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 6, (3, 4))
+    y[0, 1] = y[2, 3] = rules.IGNORE_INDEX
+    e, loss = rules.output_error(v, rules.targets_for(v, y, "cross_entropy"), "cross_entropy")
+    want = F.cross_entropy(v.flatten(0, 1), y.flatten(), ignore_index=rules.IGNORE_INDEX)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    # e is B times dL/dv (the updates average over the batch), zero at ignored tokens
+    torch.testing.assert_close(e, v.grad * v.shape[0])
+    assert e[0, 1].abs().sum() == 0 and e[2, 3].abs().sum() == 0
+
+
+def test_token_labels_out_of_range_are_refused_except_ignore_index():
+    prog, x, y = _compiled("tokens", "export")
+    y[0, 0] = rules.IGNORE_INDEX
+    prog.updates(x, y)
+    y[1, 1] = 7
+    with pytest.raises(InputError, match=r"class labels must lie in \[0, 6\] \(or be -100, "
+                                         r"ignored\); got values from 0 to 7"):
+        prog.updates(x, y)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else self.lin(-x)
+
+
+class _BatchAsNumber(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(x)) / len(x))
+
+
+def test_the_default_frontend_falls_back_to_export_and_says_why():
+    model, x = _BatchAsNumber(), torch.randn(4, 4)
+    with pytest.raises(TraceError, match="len"):
+        fxlra.compile(model, example_inputs=x, frontend="fx")
+    prog = fxlra.compile(model, example_inputs=x)
+    assert prog.frontend == "export"
+    assert "torch.fx could not trace it (len() of a traced value)" in repr(prog)
+    assert_matches_reference(prog, x, torch.randint(0, 3, (4,)))
+    with pytest.raises(InputError, match="captured by torch.export at its example's batch "
+                                         "size, 4, because it computes with its batch size"):
+        prog.updates(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+
+
+def test_a_model_neither_frontend_captures_gets_both_reasons():
+    with pytest.raises(TraceError) as info:
+        fxlra.compile(_DataDependent(), example_inputs=torch.randn(3, 4))
+    message = str(info.value)
+    assert "control flow on a tensor" in message and "Fix: " in message
+    assert "torch.export could not capture it either: GuardOnDataDependentSymNode" in message
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(frontend="jit"), OptionError,
+     "frontend='jit' is not supported; choose one of ['auto', 'fx', 'export']"),
+    (dict(frontend="export"), OptionError,
+     "frontend='export' needs an example batch: pass example_inputs=x"),
+    (dict(frontend="export", example_inputs=torch.randn(1, 6)), OptionError,
+     "the example batch has 1 sample; torch.export fixes a batch axis of size 1"),
+    (dict(frontend="fx", example_kwargs={"x": 1}), OptionError,
+     "example_kwargs= is for frontend='export'"),
+])
+def test_bad_frontend_options_are_refused(options, error, message):
+    with pytest.raises(error) as info:
+        fxlra.compile(_mlp(), **options)
+    assert message in str(info.value)
+
+
+def test_without_an_example_batch_the_trace_error_names_export():
+    with pytest.raises(TraceError, match=r"Or pass an example batch \(example_inputs=x\) so "
+                                         "that fxlra captures the model with torch.export"):
+        fxlra.compile(_DataDependent())
