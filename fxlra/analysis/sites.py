@@ -166,7 +166,7 @@ def _fan_out_error(node, pending):
                      f"tensor")
 
 
-def _nearest_tensor(node, pending, modules):
+def _nearest_tensor(node, pending, modules, memo=None):
     """The node itself if it is one batch-first tensor; else (a tuple from chunk, split or
     attention; a value whose batch axis moved, as attention's permuted q, k, v) the nearest
     such tensors with unresolved errors that feed it, where an identity site can sit. Above a
@@ -174,15 +174,18 @@ def _nearest_tensor(node, pending, modules):
     values an op computed (the qkv projection's output)."""
     if shapes.shape_of(node) is not None and shapes.batch_first(node):
         return {node}
-    found = set()
+    memo = {} if memo is None else memo       # each node once: the graph is a DAG, not a tree
+    if node in memo:
+        return memo[node]
+    found = memo[node] = set()
     merging = node.meta.get("batch_first") == "merged" and registry.is_layout_op(node, modules)
     for a in node.all_input_nodes:
         if pending.get(a):        # x.view(-1, C) of a batch-first x: the site is at x
             start = a if merging and shapes.batch_first(a) else _above_reshapes(a, pending,
                                                                                modules)
-            found |= _nearest_tensor(start, pending, modules)
+            found |= _nearest_tensor(start, pending, modules, memo)
     if not found and shapes.shape_of(node) is not None and shapes.batch_first(node, merged=True):
-        return {node}           # a batch merged with another axis (windows): the best there is
+        found.add(node)         # a batch merged with another axis (windows): the best there is
     return found
 
 
