@@ -100,7 +100,9 @@ TOLERANCES = {
     "kernel_gemm16": Tolerance(
         2e-2, 2e-2, "float32 accumulation of 16-bit products, in another order"),
 }
-TRITON_PATH_SHARE = 1e-3
+# pResNet-18's last block (1 x 1 maps, batch 2) cancels most in BatchNorm's VJP: its bn2.weight
+# differed by 1.4e-3 of its largest entry on one 2-core machine (the same code at 21ca745 too)
+TRITON_PATH_SHARE = 3e-3
 
 # the kernel row for results in each dtype
 KERNEL_DTYPE_TOLERANCE = {torch.float32: "kernel_float32", torch.bfloat16: "kernel_bfloat16",
