@@ -142,9 +142,3 @@ def _flat_inputs(model, args, kwargs):
     leaves = _pytree.tree_leaves((args, {k: kwargs[k] for k in ordered}))
     tensors = tuple(a for a in leaves if isinstance(a, torch.Tensor))
     return tensors[0] if len(tensors) == 1 else tensors
-
-
-def module_path(node):
-    """The qualified name of the innermost module an exported node came from ('' outside any)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else ""
