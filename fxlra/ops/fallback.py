@@ -3,6 +3,7 @@ recorded inputs (autograd's where the op mutates a tensor it captures), for the 
 through it (``local_vjp``) or its parameters' weight-gradient (``module_param_vjp``).
 ``prog.explain()`` names the rule of such an op "local-vjp" and ``prog.fallbacks`` lists it.
 """
+import functools
 import re
 
 import torch
@@ -143,14 +144,24 @@ _WRITES = {torch.ops.aten.batch_norm.default: (3, 4), torch.ops.aten.instance_no
            F.batch_norm: (1, 2), F.instance_norm: (1, 2)}
 
 
+@functools.lru_cache(maxsize=None)
+def _schema_writes(op):
+    """The positional arguments an ATen op's schema marks as written into (cached: the schema
+    scan would otherwise run on every VJP)."""
+    return frozenset(k for k, a in enumerate(op._schema.arguments)
+                     if a.alias_info is not None and a.alias_info.is_write)
+
+
+def _written_positions(fn):
+    """The positional arguments ``fn`` writes into: the table's, and those its schema marks."""
+    table = frozenset(_WRITES.get(fn, ())) if callable(fn) else frozenset()
+    return table | _schema_writes(fn) if hasattr(fn, "_schema") else table
+
+
 def _unwritten(fn, args):
     """``args`` with a copy of each tensor the op writes into (its running statistics): the
     forward already updated them once, and the VJP's second run must not again."""
-    fn = getattr(fn, "target", fn)         # an OpCall: the function it calls
-    schema = getattr(fn, "_schema", None)
-    written = set(_WRITES.get(fn, ()) if callable(fn) else ()) | ({k for k, a in enumerate(schema.arguments)
-                                            if a.alias_info is not None and a.alias_info.is_write}
-                                           if schema is not None else set())
+    written = _written_positions(getattr(fn, "target", fn))    # an OpCall: the function it calls
     if not written:
         return args
     return [a.clone() if k in written and isinstance(a, torch.Tensor) else a
