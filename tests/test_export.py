@@ -190,3 +190,43 @@ def test_without_an_example_batch_the_trace_error_names_export():
     with pytest.raises(TraceError, match=r"Or pass an example batch \(example_inputs=x\) so "
                                          "that fxlra captures the model with torch.export"):
         fxlra.compile(_DataDependent())
+
+
+class _Conv1D(nn.Module):
+    """A GPT-2-style projection: ``addmm(b, x.view(-1, C), W)`` with W (in, out), viewed back."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(width, width) / width ** 0.5), \
+            nn.Parameter(torch.zeros(width))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(x.shape)
+
+
+class _SquareTokens(nn.Module):
+    """Token features (B, T, C) with T == C, a residual addmm block, token logits."""
+
+    def __init__(self, vocab=5, width=6):
+        super().__init__()
+        self.embed, self.norm = nn.Embedding(vocab, width), nn.LayerNorm(width)
+        self.proj, self.head = _Conv1D(width), nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.proj(torch.tanh(self.norm(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_token_sites_keep_their_features_last_when_the_sequence_is_as_long_as_the_width(
+        frontend):
+    # the residual sum's nearest weight op is an addmm: its shape (B, 6, 6) alone cannot say
+    # which axis holds the features, the op's kind must (channels on axis 1 sent the error
+    # synapses' displacements along the sequence)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 5, (3, 6))
+    prog = fxlra.compile(_SquareTokens().double(), example_inputs=ids, frontend=frontend)
+    layouts = {s.name: (s.layout.channels, s.layout.channel_dim) for s in prog.plan.sites}
+    assert set(layouts.values()) == {(6, -1), (5, -1)}, layouts
+    assert_matches_reference(prog, ids, torch.randint(0, 5, (3, 6)))

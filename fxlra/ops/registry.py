@@ -104,6 +104,8 @@ _FUNCTION_ROWS = [
       stochastic_depth), _PASS),
     ((F.batch_norm, F.layer_norm, F.group_norm), dict(norm=True, signs=(1,))),
     ((F.linear, F.layer_norm), dict(channel_last=True)),
+    # x @ W with W (in, out): features in the output's last axis, counted by W's and the bias's
+    ((torch.addmm, torch.mm, torch.bmm, torch.matmul), dict(channel_last=True, feature_axis=-1)),
     ((torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.swapaxes,
       torch.movedim, torch.unflatten), dict(layout=True)),
     ((torch.flatten, torch.reshape), dict(carry=carry.reshape_back)),
@@ -123,6 +125,7 @@ _FUNCTION_ROWS = [
     ((aten.layer_norm, aten.batch_norm, aten.group_norm), dict(norm=True, signs=(1,))),
     ((aten.linear, aten.layer_norm), dict(channel_last=True)),
     ((aten.embedding,), dict(channel_last=True, feature_axis=-1)),
+    ((aten.addmm, aten.mm, aten.bmm, aten.matmul), dict(channel_last=True, feature_axis=-1)),
     ((aten.view, aten.reshape, aten.flatten, aten.permute, aten.transpose, aten.unflatten),
      dict(layout=True)),
     ((aten.view, aten.reshape, aten.flatten, aten.unflatten), dict(carry=carry.reshape_back)),
