@@ -12,7 +12,8 @@ from fxlra.nn import LocallyConnected2d, PerturbativeConv2d
 
 
 class Functional(nn.Module):
-    """F.linear and an elementwise scale on parameters: no rule of fxlra's own for either."""
+    """F.linear (fxlra's function rule) and an elementwise scale on parameters (no rule of its
+    own: torch.func)."""
 
     def __init__(self):
         super().__init__()
@@ -61,8 +62,9 @@ def test_every_named_rule_has_a_function_and_local_vjp_is_named_where_it_is_used
     prog.step(x, y)                                  # the program ran
     ops = {r.op for r in prog.plan.params}
     named = {r.op for r in prog.plan.params if r.rule == "local-vjp"}
-    assert all(r.rule in registry.WEIGHT_GRADS for r in prog.plan.params
-               if r.rule != "local-vjp"), [r.rule for r in prog.plan.params]
+    assert all(r.rule in registry.WEIGHT_GRADS or r.rule in registry.FUNCTION_GRADS
+               for r in prog.plan.params if r.rule != "local-vjp"), \
+        [r.rule for r in prog.plan.params]
     assert named == set(prog.fallbacks) & ops
     lines = prog.explain().splitlines()
     for r in prog.plan.params:
@@ -70,7 +72,7 @@ def test_every_named_rule_has_a_function_and_local_vjp_is_named_where_it_is_used
         assert line.split()[2] == r.rule
 
 
-def test_ops_that_the_program_hands_to_torch_func_are_named_local_vjp():
+def test_ops_that_the_program_hands_to_torch_func_are_named_local_vjp_and_others_their_rule():
     rules = {}
     for name in ("instancenorm", "rmsnorm-prelu", "functional", "own-forward"):
         build, shape = MODELS[name]
@@ -79,7 +81,7 @@ def test_ops_that_the_program_hands_to_torch_func_are_named_local_vjp():
         rules.update({f"{name}:{r.param}": r.rule for r in prog.plan.params})
     assert rules["instancenorm:1.weight"] == "local-vjp"
     assert rules["rmsnorm-prelu:1.weight"] == "local-vjp"
-    assert rules["functional:w"] == "local-vjp"
+    assert rules["functional:w"] == "linear"               # F.linear's function rule
     assert rules["functional:scale"] == "local-vjp"
     assert rules["own-forward:1.weight"] == "local-vjp"
     assert rules["functional:out.weight"] == "linear"
@@ -145,3 +147,43 @@ def test_a_registered_activation_is_a_site_whose_error_crosses_it_by_its_vjp():
         assert bump in registry.registered_activation_functions()
     finally:
         del registry.FUNCTIONS[bump]
+
+
+aten = torch.ops.aten
+FUNCTION_CASES = {   # op, its positional arguments (parameters at the positions the rule covers)
+    "linear": (aten.linear.default, lambda: [torch.randn(2, 3, 4), torch.randn(5, 4),
+                                              torch.randn(5)]),
+    "linear-no-bias": (F.linear, lambda: [torch.randn(3, 4), torch.randn(5, 4)]),
+    "addmm": (aten.addmm.default, lambda: [torch.randn(5), torch.randn(6, 4), torch.randn(4, 5)]),
+    "embedding": (aten.embedding.default, lambda: [torch.randn(7, 3), torch.tensor([[0, 2, 2],
+                                                                                   [6, 2, 0]])]),
+    "embedding-padding-freq": (aten.embedding.default, lambda: [
+        torch.randn(7, 3), torch.tensor([[0, 2, 2], [6, 2, 0]]), 2, True]),
+    "layer_norm": (aten.layer_norm.default, lambda: [torch.randn(2, 3, 4), [4], torch.randn(4),
+                                                      torch.randn(4), 1e-5]),
+    "layer_norm-2d-no-bias": (F.layer_norm, lambda: [torch.randn(2, 3, 4), (3, 4),
+                                                     torch.randn(3, 4)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUNCTION_CASES))
+def test_a_function_rule_gives_the_gradients_of_the_ops_own_vjp(case):
+    op, make = FUNCTION_CASES[case]
+    torch.manual_seed(0)
+    args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in make()]
+    row = registry.FUNCTIONS.get(op) or registry.FUNCTIONS[op.overloadpacket]
+    at = [k for k in row.grad_args if k < len(args) and isinstance(args[k], torch.Tensor)]
+    out = op(*args)
+    c = torch.randn_like(out)
+
+    def partial(*chosen):
+        full = list(args)
+        for k, v in zip(at, chosen):
+            full[k] = v
+        return op(*full)
+    _, pull = torch.func.vjp(partial, *[args[k] for k in at])
+    want = dict(zip(at, pull(c)))
+    got = row.arg_grads(args, c)
+    for k in at:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)

@@ -226,6 +226,14 @@ class UpdateStage:
             self.src.add(f"{target} = local.module_param_vjp({module}, {self._call_form(node)}, "
                          f"{c})", [target], uses + [c])
             keys = [r.key for r in rules]
+        elif registry.function_grads(node, self.modules) is not None:
+            fn = registry.function_grads(node, self.modules)
+            args = "[" + ", ".join(self.fmt(a) for a in node.args) + "]"
+            self.src.add(f"{target} = local.{fn.__name__}({args}, {c})", [target],
+                         [a.name for a in node.all_input_nodes] + [c])
+            where = {a.target: k for k, a in enumerate(node.args)
+                     if isinstance(a, fx.Node) and a.op == "get_attr"}
+            keys = [where[r.key] for r in rules]
         else:
             self.fallbacks.append(node.name)
             where = {a.target: k for k, a in enumerate(_leaves(node))

@@ -5,6 +5,8 @@ the per-op carry rules are in ``fxlra.ops.carry``) and the derivatives of activa
 kind takes which function is ``fxlra.ops.registry``'s rows; an op without one falls back to
 ``torch.func`` on that single op (``fxlra.ops.fallback``).
 """
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -151,6 +153,44 @@ def embedding_grads(m, idx, c):
     if m.padding_idx is not None:
         grad[m.padding_idx] = 0
     return {"weight": grad}
+
+
+# -- weight-gradients of function ops (torch.export's ATen ops, F.linear on parameters):
+# rule(args, c) -> {position of a parameter among the positional arguments: summed gradient};
+# each reads its arguments as the module rule above reads its module's attributes
+def linear_arg_grads(args, c):
+    """``linear(x, weight, bias=None)``."""
+    bias = args[2] if len(args) > 2 else None
+    grads = linear_grads(SimpleNamespace(weight=args[1], bias=bias), args[0], c)
+    return {1: grads["weight"], 2: grads.get("bias")}
+
+
+def addmm_arg_grads(args, c):
+    """``addmm(bias, x, weight)``, ``bias + x @ weight`` with weight (in, out) (GPT-2's Conv1D)."""
+    bias, x = args[0], args[1]
+    return {0: reduce_to(c, bias.shape), 2: x.t() @ c}
+
+
+def embedding_arg_grads(args, c):
+    """``aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse)``; a
+    dense gradient also where ``sparse`` asks autograd for a sparse one."""
+    weight, idx = args[0], args[1]
+    padding = args[2] if len(args) > 2 else -1
+    grad = embedding_grads(SimpleNamespace(weight=weight.to(c.dtype), padding_idx=None
+                                           if padding < 0 else padding), idx, c)["weight"]
+    if len(args) > 3 and args[3]:           # each row over how often its index is in the batch
+        counts = torch.bincount(idx.reshape(-1), minlength=weight.shape[0]).clamp_(min=1)
+        grad = grad / counts.unsqueeze(1).to(grad.dtype)
+    return {0: grad}
+
+
+def layernorm_arg_grads(args, c):
+    """``layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5)``."""
+    x, shape = args[0], tuple(args[1])
+    weight, bias, eps = (tuple(args[2:5]) + (None, None, 1e-5)[len(args[2:5]):])
+    grads = layernorm_grads(SimpleNamespace(normalized_shape=shape, weight=weight, bias=bias,
+                                            eps=eps), x, c)
+    return {2: grads.get("weight"), 3: grads.get("bias")}
 
 
 def perturbative_grads(m, x, c):

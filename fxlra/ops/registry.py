@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 from . import carry, local
@@ -35,6 +35,8 @@ class OpKind:
     carry: Callable | None = None        # carry(call, x, c) -> the error at its input
     grads: Callable | None = None        # rule(module, x, c) -> {parameter name: gradient}
     rule: str = "local-vjp"              # the name of ``grads`` in the Plan and explain()
+    arg_grads: Callable | None = None    # a function op's rule(args, c) -> {position: gradient}
+    grad_args: tuple = ()                # the positions of the parameters ``arg_grads`` covers
     norm: bool = False                   # a normalisation layer (norm_error="vjp" or "pass")
     layout: bool = False                 # only moves or regroups elements
     constant: bool = False               # its value ignores its inputs' values
@@ -104,6 +106,14 @@ _FUNCTION_ROWS = [
       stochastic_depth), _PASS),
     ((F.batch_norm, F.layer_norm, F.group_norm), dict(norm=True, signs=(1,))),
     ((F.linear, F.layer_norm), dict(channel_last=True)),
+    ((F.linear, aten.linear), dict(arg_grads=local.linear_arg_grads, grad_args=(1, 2),
+                                   rule="linear")),
+    ((F.layer_norm, aten.layer_norm), dict(arg_grads=local.layernorm_arg_grads,
+                                           grad_args=(2, 3), rule="layernorm")),
+    ((torch.addmm, aten.addmm), dict(arg_grads=local.addmm_arg_grads, grad_args=(0, 2),
+                                     rule="addmm")),
+    ((aten.embedding,), dict(arg_grads=local.embedding_arg_grads, grad_args=(0,),
+                             rule="embedding")),
     # x @ W with W (in, out): features in the output's last axis, counted by W's and the bias's
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul), dict(channel_last=True, feature_axis=-1)),
     ((torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.swapaxes,
@@ -172,6 +182,8 @@ def _table(entries):
 MODULES, FUNCTIONS, METHODS = map(_table, (_MODULE_ROWS, _FUNCTION_ROWS, _METHOD_ROWS))
 # the weight-gradient rules by the name a Plan gives them; "local-vjp" is torch.func's
 WEIGHT_GRADS = {row.rule: row.grads for row in MODULES.values() if row.grads is not None}
+# the same for function ops (their arguments, not a module's attributes)
+FUNCTION_GRADS = {row.rule: row.arg_grads for row in FUNCTIONS.values() if row.arg_grads}
 
 
 def _row_class(cls):
@@ -277,10 +289,24 @@ def carry_signs(node, modules, norm_error):
 
 def rule_name(node, modules):
     """The weight-gradient rule of a parametrised op: its row's, where the op is a module the
-    rule takes; "local-vjp" where the generated program uses torch.func (functions, and a
-    module whose forward is its own)."""
+    rule takes or a function called the way its rule reads it (``function_grads``); "local-vjp"
+    where the generated program uses torch.func (other functions, a module whose forward is its
+    own)."""
     row = kind_of(node, modules)
-    return row.rule if node.op == "call_module" and row.grads is not None else "local-vjp"
+    if node.op == "call_module":
+        return row.rule if row.grads is not None else "local-vjp"
+    return row.rule if function_grads(node, modules) is not None else "local-vjp"
+
+
+def function_grads(node, modules):
+    """A function op's explicit weight-gradient rule: its row's, where the op is called with
+    positional arguments only and each parameter (``get_attr``) sits where the rule covers it;
+    else None (torch.func's VJP)."""
+    row = kind_of(node, modules)
+    if node.op != "call_function" or row.arg_grads is None or node.kwargs:
+        return None
+    at = {k for k, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"}
+    return row.arg_grads if at and at <= set(row.grad_args) else None
 
 
 def is_weight_op(node, modules):
