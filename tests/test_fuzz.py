@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 import fxlra
 from fxlra.frontend import shapes
-from helpers import assert_matches_reference, close
+from helpers import assert_matches_reference, assert_updates_match, close
 from strategies import (DTYPE, HEADS, SETTINGS, SPEC_PRESETS as PRESETS, UNTRACEABLE, Lambda,
                         NumpyCall, Recurrent, build_spec_net as build, specs, wiring_of)
 
@@ -139,6 +139,36 @@ def test_traceable_models_with_plain_heads(spec, wiring, options):
     if prog is not None:
         note(str(prog.plan))
         check_program(prog, x, _deterministic(spec))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(spec=specs(untraceable=False, heads=("logits",), modifiers=("none", "eval")),
+       wiring=st.sampled_from(PRESETS))
+def test_a_traced_model_gets_the_same_plan_and_updates_through_torch_export(spec, wiring):
+    """Whatever symbolic tracing compiles, torch.export compiles to the same sites and layouts,
+    and its program gives the same updates; or export refuses it with an fxlra error."""
+    if not _deterministic(spec):
+        event("dropout: not compared")  # two programs draw different masks
+        return
+    model, x = build(spec)
+    torch.manual_seed(2)                # the same error synapses' initial weights in both
+    traced = compile_or_reject(model, x, wiring, frontend="fx")
+    if traced is None:
+        return
+    torch.manual_seed(2)
+    exported = compile_or_reject(model, x, wiring, frontend="export")
+    if exported is None:
+        return
+    note(str(traced.plan))
+    assert [s.layout for s in exported.plan.sites] == [s.layout for s in traced.plan.sites]
+    assert [(e.synapse, e.in_features, e.out_features) for e in exported.plan.edges] == \
+        [(e.synapse, e.in_features, e.out_features) for e in traced.plan.edges]
+    y = labels_for(traced, x)
+    rename = {f"synapses.{a.key}.{n}": f"synapses.{b.key}.{n}"
+              for a, b in zip(exported.plan.edges, traced.plan.edges) for n in ("weight", "bias")}
+    got = {rename.get(k, k): v for k, v in exported.updates(x, y).items()}
+    assert_updates_match(got, traced.updates(x, y), "float64_torch_func")
+    event("compared")
 
 
 @settings(max_examples=30, **SETTINGS)

@@ -126,7 +126,9 @@ _FUNCTION_ROWS = [
     ((torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
       torch.randn_like, torch.randint_like), dict(constant=True)),
     # ATen ops, as a torch.export graph calls them
-    ((aten.relu, aten.tanh, aten.sigmoid, aten.gelu, aten.silu, aten.hardtanh), _ACTIVATION),
+    ((aten.relu, aten.relu6, aten.tanh, aten.sigmoid, aten.elu, aten.celu, aten.selu, aten.gelu,
+      aten.silu, aten.mish, aten.leaky_relu, aten.hardtanh, aten.hardswish, aten.hardsigmoid,
+      aten.softplus, aten.sign, aten.log_sigmoid), _ACTIVATION),
     ((aten.add, aten.mul, aten.div), dict(signs=(1, 1))),
     ((aten.sub,), dict(signs=(1, -1))),
     ((aten.neg,), dict(signs=(-1,))),
