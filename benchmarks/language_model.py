@@ -122,11 +122,8 @@ def table(results, unigram):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--steps", type=int, default=150, help="steps per epoch")
+def add_model_args(p, out):
+    """The model, optimizer and data arguments this benchmark and its probe share."""
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
@@ -136,13 +133,27 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--held-windows", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=RESULTS)
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=out)
+
+
+def setup(args):
+    """Threads set; (train bytes, held-out bytes, held-out windows and labels, unigram loss,
+    file count)."""
     torch.set_num_threads(args.threads)
     train, held, files = corpus(2_000_000, 200_000)
     starts = torch.linspace(0, len(held) - args.context - 2, args.held_windows).long()
     held_x, held_y = windows(held, starts, args.context)
-    unigram = unigram_loss(train, held_y.flatten())
+    return train, held, held_x, held_y, unigram_loss(train, held_y.flatten()), files
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps", type=int, default=150, help="steps per epoch")
+    add_model_args(p, RESULTS)
+    args = p.parse_args(argv)
+    train, held, held_x, held_y, unigram, files = setup(args)
     results = []
     for variant in args.variants:
         results.append(run(variant, args, (train, held_x, held_y), args.seed))

@@ -226,8 +226,7 @@ class UpdateStage:
             self.src.add(f"{target} = local.module_param_vjp({module}, {self._call_form(node)}, "
                          f"{c})", [target], uses + [c])
             keys = [r.key for r in rules]
-        elif registry.function_grads(node, self.modules) is not None:
-            fn = registry.function_grads(node, self.modules)
+        elif (fn := registry.function_grads(node, self.modules)) is not None:
             args = "[" + ", ".join(self.fmt(a) for a in node.args) + "]"
             self.src.add(f"{target} = local.{fn.__name__}({args}, {c})", [target],
                          [a.name for a in node.all_input_nodes] + [c])

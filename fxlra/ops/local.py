@@ -187,7 +187,9 @@ def embedding_arg_grads(args, c):
 def layernorm_arg_grads(args, c):
     """``layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5)``."""
     x, shape = args[0], tuple(args[1])
-    weight, bias, eps = (tuple(args[2:5]) + (None, None, 1e-5)[len(args[2:5]):])
+    weight = args[2] if len(args) > 2 else None
+    bias = args[3] if len(args) > 3 else None
+    eps = args[4] if len(args) > 4 else 1e-5
     grads = layernorm_grads(SimpleNamespace(normalized_shape=shape, weight=weight, bias=bias,
                                             eps=eps), x, c)
     return {2: grads.get("weight"), 3: grads.get("bias")}
