@@ -39,12 +39,45 @@ class _Tokens(nn.Module):
         return self.head(F.gelu(self.norm(self.mix(self.embed(ids)))))
 
 
+class _ScaledTokens(nn.Module):
+    """Embedded tokens (B, 3, 4), ``(h @ w) * scale`` to (B, 3, 3), token logits: after the
+    matmul the sequence is as long as the width."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 4), nn.Linear(3, 2)
+        self.w = nn.Parameter(torch.randn(4, 3) / 2)
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(3))
+
+    def forward(self, ids):
+        return self.head((self.embed(ids) @ self.w) * self.scale)
+
+
+class _PaddedAfterResidual(nn.Module):
+    """A residual block, then a reflect-padded conv (torch.export spells it aten.pad, then
+    aten.conv2d), pooled logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ELU(2.0),
+                                  nn.Conv2d(2, 2, 3, padding=1))
+        self.conv = nn.Conv2d(2, 2, 3, padding="same", padding_mode="reflect")
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(x + self.body(x)).mean((2, 3)))
+
+
 FX_MODELS = {
     "mlp": (_mlp, lambda: torch.randn(5, 6), lambda: torch.randint(0, 3, (5,))),
     "cnn": (_cnn, lambda: torch.randn(4, 1, 6, 6), lambda: torch.randint(0, 3, (4,))),
     "resnet": (lambda: models.ResNet18(3, 4, cifar=True, in_channels=1),
                lambda: torch.randn(3, 1, 8, 8), lambda: torch.randint(0, 3, (3,))),
     "tokens": (_Tokens, lambda: torch.randint(0, 7, (3, 5)), lambda: torch.randint(0, 7, (3, 5))),
+    "scaled_tokens": (_ScaledTokens, lambda: torch.randint(0, 10, (4, 3)),
+                      lambda: torch.randint(0, 2, (4, 3))),
+    "padded_after_residual": (_PaddedAfterResidual, lambda: torch.randn(3, 2, 4, 4),
+                              lambda: torch.randint(0, 3, (3,))),
 }
 
 
@@ -230,3 +263,44 @@ def test_token_sites_keep_their_features_last_when_the_sequence_is_as_long_as_th
     layouts = {s.name: (s.layout.channels, s.layout.channel_dim) for s in prog.plan.sites}
     assert set(layouts.values()) == {(6, -1), (5, -1)}, layouts
     assert_matches_reference(prog, ids, torch.randint(0, 5, (3, 6)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_site_read_by_a_function_op_takes_its_features_from_the_ops_around_it(frontend):
+    # the embedding's next module is the head, two ops on (its 3 inputs match the 3 tokens):
+    # the matmul in between reads the embedding, so its 4 features are on the last axis; the
+    # scale of shape (3,) broadcasts along the last axis of (B, 3, 3)
+    prog, _, _ = _compiled("scaled_tokens", frontend)
+    layouts = [(s.layout.channels, s.layout.channel_dim) for s in prog.plan.sites]
+    assert layouts == [(4, -1), (3, -1), (2, -1)], prog.plan
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_the_site_before_a_reflect_padded_conv_is_the_value_the_conv_is_called_with(frontend):
+    # torch.export's aten.pad belongs to the Conv2d's call: the site sits at the residual sum,
+    # (B, 2, 4, 4), not at the padded (B, 2, 6, 6) map
+    prog, _, _ = _compiled("padded_after_residual", frontend)
+    assert prog.plan.sites[0].name == "add", prog.plan
+
+
+class _Normalized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(F.normalize(self.mix(x), dim=-1))
+
+
+def test_a_torch_function_that_export_splits_gets_a_site_where_its_input_fans_out():
+    # F.normalize(h) is one op to symbolic tracing; torch.export spells it h / norm(h), so h
+    # fans out and the layer's parameters are owned by an identity site at h itself
+    torch.manual_seed(0)
+    model, x, y = _Normalized().double(), torch.randn(5, 4).double(), torch.randint(0, 3, (5,))
+    traced = fxlra.compile(model, example_inputs=x, frontend="fx")
+    exported = fxlra.compile(model, example_inputs=x, frontend="export")
+    assert [(r.param, r.site) for r in traced.plan.params][:2] == [
+        ("mix.weight", "normalize"), ("mix.bias", "normalize")]
+    assert [(r.param, r.site) for r in exported.plan.params][:2] == [
+        ("mix.weight", "linear"), ("mix.bias", "linear")]
+    assert_matches_reference(exported, x, y)

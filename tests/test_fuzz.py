@@ -141,8 +141,14 @@ def test_traceable_models_with_plain_heads(spec, wiring, options):
         check_program(prog, x, _deterministic(spec))
 
 
-@settings(max_examples=40, **SETTINGS)
-@given(spec=specs(untraceable=False, heads=("logits",), modifiers=("none", "eval")),
+# F.normalize is one op to symbolic tracing and several to torch.export, where its input fans
+# out (to its norm and to the division) and so holds an identity site: test_export checks that
+_ONE_OP_TO_FX_ONLY = (("unknown", "normalize"),)
+
+
+@settings(max_examples=400, **SETTINGS)
+@given(spec=specs(untraceable=False, heads=("logits",), modifiers=("none", "eval")).filter(
+           lambda s: not set(s["layers"]) & set(_ONE_OP_TO_FX_ONLY)),
        wiring=st.sampled_from(PRESETS))
 def test_a_traced_model_gets_the_same_plan_and_updates_through_torch_export(spec, wiring):
     """Whatever symbolic tracing compiles, torch.export compiles to the same sites and layouts,
@@ -164,10 +170,17 @@ def test_a_traced_model_gets_the_same_plan_and_updates_through_torch_export(spec
     assert [(e.synapse, e.in_features, e.out_features) for e in exported.plan.edges] == \
         [(e.synapse, e.in_features, e.out_features) for e in traced.plan.edges]
     y = labels_for(traced, x)
+    try:
+        want = traced.updates(x, y)
+    except fxlra.FxlraError as exc:     # an op with no derivative: both refuse the step alike
+        with pytest.raises(type(exc)):
+            exported.updates(x, y)
+        event(f"step refused by both: {type(exc).__name__}")
+        return
     rename = {f"synapses.{a.key}.{n}": f"synapses.{b.key}.{n}"
               for a, b in zip(exported.plan.edges, traced.plan.edges) for n in ("weight", "bias")}
     got = {rename.get(k, k): v for k, v in exported.updates(x, y).items()}
-    assert_updates_match(got, traced.updates(x, y), "float64_torch_func")
+    assert_updates_match(got, want, "float64_torch_func")
     event("compared")
 
 

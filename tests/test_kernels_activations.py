@@ -28,8 +28,10 @@ def _torch_activations():
                 nn.GELU(approximate="tanh"), nn.CELU(1.5)]
     functions = [(fn, (), {}) for fn, row in registry.FUNCTIONS.items()
                  if row.activation and not isinstance(fn, torch._ops.OpOverloadPacket)
-                 and (getattr(fn, "__module__", None) or "torch").split(".")[0] == "torch"]
-    functions += [(F.leaky_relu, (0.2,), {}), (F.hardtanh, (), {"min_val": -2.0}),
+                 and (getattr(fn, "__module__", None) or "torch").split(".")[0] == "torch"
+                 and fn is not F.prelu]                          # its slope is an argument
+    functions += [(F.prelu, (torch.tensor([0.2, -0.1, 0.3]),), {}),
+                  (F.leaky_relu, (0.2,), {}), (F.hardtanh, (), {"min_val": -2.0}),
                   (F.gelu, (), {"approximate": "tanh"}), (F.softplus, (3.0,), {"threshold": 4.0})]
     calls = [(m, lambda x, m=m: m(x), (), {}) for m in modules]
     calls += [(fn, lambda x, fn=fn, a=a, k=k: fn(x, *a, **k), a, k) for fn, a, k in functions]

@@ -13,7 +13,7 @@ from torch import fx
 
 from . import params, scope as scopes
 from .blocks import find_blocks, nearest, node_graph
-from ..frontend import passes, shapes
+from ..frontend import export, passes, shapes
 from ..ops import registry
 from ..errors import PlanError
 from .plan import Layout, ParamRule, Site, stages_of
@@ -139,6 +139,7 @@ def _violations(nodes, modules, op_params, pending, from_input):
         if node in op_params and registry.is_weight_op(node, modules):
             for a in node.all_input_nodes:
                 if pending[a] and from_input[a]:
+                    a = _above_module_prologue(a, node, pending, op_params)
                     extra |= _nearest_tensor(a, pending, modules)
         if pending.get(node) and len(node.users) > 1:
             if not from_input[node]:
@@ -152,6 +153,21 @@ def _violations(nodes, modules, op_params, pending, from_input):
                 raise _fan_out_error(node, pending)
             extra |= found
     return extra
+
+
+def _above_module_prologue(node, op, pending, op_params):
+    """The value a built-in module was called with, when ``node`` is a parameter-free op of
+    that module's own call before its weight op ``op`` (torch.export's ``aten.pad`` of a
+    reflect-padded Conv2d): the site sits there, as symbolic tracing, to which the module is
+    one op, places it."""
+    call = export.builtin_module_call(op)
+    while call is not None and node.op == "call_function" and node not in op_params and \
+            export.builtin_module_call(node) == call:
+        inputs = [a for a in node.all_input_nodes if pending.get(a)]
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    return node
 
 
 def _fan_out_error(node, pending):
@@ -230,15 +246,17 @@ def _regions(nodes, sites, pending):
     return owner
 
 
-def _next_module_op(node, modules, op_params):
-    """The first parametrised module the site's value reaches (its next consumer), if any."""
+def _next_weight_op(node, modules, op_params):
+    """The first parametrised op the site's value reaches that reads its features (its next
+    consumer: a module, or a function op such as torch.export's ``aten.linear`` or ``h @ w``),
+    past elementwise ones (a scale), if any."""
     frontier, seen = list(node.users), set()
     while frontier:
         n = frontier.pop(0)
         if n in seen:
             continue
         seen.add(n)
-        if n in op_params and n.op == "call_module":
+        if n in op_params and (n.op == "call_module" or registry.is_weight_op(n, modules)):
             return n
         frontier.extend(n.users)
     return None
@@ -246,16 +264,20 @@ def _next_module_op(node, modules, op_params):
 
 def _channel_dim(node, shape, region, modules, op_params):
     """The feature axis of a site (1 or last): the one axis whose size is the input feature
-    count of the next module that reads it, else the output feature count of the nearest
+    count of the next parametrised op that reads it, else the output feature count of the nearest
     parametrised op before it; the op's kind decides when both or neither axis match."""
-    after = _next_module_op(node, modules, op_params)
+    after = _next_weight_op(node, modules, op_params)
     if after is not None:
-        matches = [d for d in (1, -1) if shape[d] in registry.input_feature_counts(modules[after.target])]
+        reads = registry.input_feature_counts(after, modules)
+        matches = [d for d in (1, -1) if shape[d] in reads]
         if len(matches) == 1:
             return matches[0]
     for op in reversed(region):
         if op not in op_params:
             continue
+        axes = registry.broadcast_axes(op, modules, len(shape))     # a scale or a shift
+        if len(axes) == 1 and axes <= {1, len(shape) - 1}:
+            return 1 if axes == {1} else -1
         features = registry.feature_counts(op, modules, modules[""])
         if not features and not registry.is_weight_op(op, modules):
             continue          # an elementwise op that does not tell (PReLU's one slope, a scale)

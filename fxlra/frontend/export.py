@@ -29,6 +29,20 @@ _CHECKS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._asser
            torch.ops.aten.sym_constrain_range_for_size.default)
 
 
+def builtin_module_call(node):
+    """The qualified name of the torch.nn module whose call an exported ATen node is part of
+    (the innermost of its ``nn_module_stack``), or None: symbolic tracing keeps such a module
+    one op (its leaf), while torch.export spells it as several (Conv2d with
+    ``padding_mode="reflect"``: ``aten.pad`` then ``aten.conv2d``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack or not isinstance(node.target, torch._ops.OpOverload):
+        return None                  # not an ATen op: symbolic tracing's stacks can be late
+    path, kind = list(stack.values())[-1]
+    kind = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+    builtin = kind.startswith("torch.nn.") and not kind.endswith(".Sequential")
+    return path if builtin else None
+
+
 def example_batch(example_inputs):
     """``example_inputs`` as a tuple of positional inputs."""
     if example_inputs is None:

@@ -286,6 +286,7 @@ class OpCall:
         self.name, self.op, self.target = node.name, node.op, node.target
         self.module = modules[node.target] if node.op == "call_module" else None
         self.args, self.kwargs = node.args, node.kwargs
+        self._root = modules.get("")
         self.input_names = [a.name for a in node.all_input_nodes]
 
     def arg(self, name, position, default):
@@ -295,17 +296,25 @@ class OpCall:
 
     def apply_to(self, h):
         """The op with ``h`` in place of its first input and its other recorded arguments,
-        which must be constants (an activation's phi(h): F.elu(h, alpha=3.0))."""
+        which must be constants or the model's own tensors (an activation's phi(h):
+        F.elu(h, alpha=3.0); torch.export's aten.prelu(h, weight))."""
         if self.module is not None:
             return self.module(h)
         rest = torch.utils._pytree.tree_leaves((self.args[1:], self.kwargs))
-        tensors = [a.name for a in rest if isinstance(a, fx.Node)]
-        if tensors:
+        tensors = [a.name for a in rest if isinstance(a, fx.Node) and a.op != "get_attr"]
+        if tensors or self._root is None and any(isinstance(a, fx.Node) for a in rest):
             raise UnsupportedError(f"{self.name} ({self.target}) reads other tensors "
                                    f"({', '.join(tensors)}) besides its input; fxlra cannot "
                                    "apply it as an activation. Register it with "
                                    "fxlra.register_activation(fn, derivative)")
-        return self(h, *self.args[1:], **self.kwargs)
+        args, kwargs = fx.node.map_arg((self.args[1:], self.kwargs), self._attribute)
+        return self(h, *args, **kwargs)
+
+    def _attribute(self, node):
+        value = self._root
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
 
     def __call__(self, *args, **kwargs):
         if self.module is not None:

@@ -43,6 +43,8 @@ class OpKind:
     concat: bool = False                 # torch.cat: each input gets its slice of the error
     channel_last: bool = False           # its output keeps its features in the last axis
     feature_axis: int = 0                # the axis of its parameters that counts its features
+    broadcasts: bool = False             # elementwise arithmetic: its parameters broadcast
+    input_axis: int | None = None        # the axis of its weight that counts what it reads
 
     @property
     def mixes_features(self):
@@ -66,7 +68,7 @@ _ACTIVATION_MODULES = (
 _ACTIVATION_FUNCTIONS = (
     F.relu, torch.relu, F.relu6, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.elu, F.celu,
     F.selu, torch.selu, F.gelu, F.silu, F.mish, F.leaky_relu, F.hardtanh, F.hardswish,
-    F.hardsigmoid, F.softsign, F.softplus, torch.sign, F.logsigmoid)
+    F.hardsigmoid, F.softsign, F.softplus, torch.sign, F.logsigmoid, F.prelu)
 _NORM_INPUT = {nn.modules.batchnorm._BatchNorm: carry.batchnorm_input,
                nn.LayerNorm: carry.layernorm_input, nn.GroupNorm: carry.groupnorm_input,
                nn.modules.instancenorm._InstanceNorm: carry.module_input_vjp,
@@ -99,8 +101,8 @@ _MODULE_ROWS = [
 _FUNCTION_ROWS = [
     (_ACTIVATION_FUNCTIONS, _ACTIVATION),
     ((operator.add, torch.add, operator.mul, torch.mul, operator.truediv, torch.div),
-     dict(signs=(1, 1))),
-    ((operator.sub, torch.sub), dict(signs=(1, -1))),
+     dict(signs=(1, 1), broadcasts=True)),
+    ((operator.sub, torch.sub), dict(signs=(1, -1), broadcasts=True)),
     ((operator.neg, torch.neg), dict(signs=(-1,))),
     ((torch.clone, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
       stochastic_depth), _PASS),
@@ -116,6 +118,10 @@ _FUNCTION_ROWS = [
                              rule="embedding")),
     # x @ W with W (in, out): features in the output's last axis, counted by W's and the bias's
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul), dict(channel_last=True, feature_axis=-1)),
+    ((torch.addmm, torch.mm, torch.bmm, torch.matmul, operator.matmul, aten.addmm, aten.mm,
+      aten.bmm, aten.matmul), dict(input_axis=-2)),
+    ((F.linear, aten.linear, F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d,
+      aten.conv3d, aten.convolution), dict(input_axis=1)),
     ((torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.swapaxes,
       torch.movedim, torch.unflatten), dict(layout=True)),
     ((torch.flatten, torch.reshape), dict(carry=carry.reshape_back)),
@@ -128,9 +134,9 @@ _FUNCTION_ROWS = [
     # ATen ops, as a torch.export graph calls them
     ((aten.relu, aten.relu6, aten.tanh, aten.sigmoid, aten.elu, aten.celu, aten.selu, aten.gelu,
       aten.silu, aten.mish, aten.leaky_relu, aten.hardtanh, aten.hardswish, aten.hardsigmoid,
-      aten.softplus, aten.sign, aten.log_sigmoid), _ACTIVATION),
-    ((aten.add, aten.mul, aten.div), dict(signs=(1, 1))),
-    ((aten.sub,), dict(signs=(1, -1))),
+      aten.softplus, aten.sign, aten.log_sigmoid, aten.prelu), _ACTIVATION),
+    ((aten.add, aten.mul, aten.div), dict(signs=(1, 1), broadcasts=True)),
+    ((aten.sub,), dict(signs=(1, -1), broadcasts=True)),
     ((aten.neg,), dict(signs=(-1,))),
     ((aten.clone, aten.dropout, aten.alias, aten.contiguous, aten.to, aten._to_copy,
       aten.type_as), _PASS),
@@ -336,24 +342,44 @@ def feature_counts(node, modules, root):
                 return {getattr(m, name)}
         shape = getattr(m, "normalized_shape", None)
         return {shape[-1]} if shape else set()
-    counts, axis = set(), kind_of(node, modules).feature_axis
+    axis = kind_of(node, modules).feature_axis
+    return {value.shape[axis] for value in _parameters_read(node, root) if value.dim()}
+
+
+def _parameters_read(node, root):
+    """The parameters a function op reads through ``get_attr``."""
     for a in node.all_input_nodes:
         if a.op == "get_attr":
             value = root
             for part in a.target.split("."):
                 value = getattr(value, part)
-            if isinstance(value, nn.Parameter) and value.dim():
-                counts.add(value.shape[axis])
-    return counts
+            if isinstance(value, nn.Parameter):
+                yield value
+
+
+def broadcast_axes(node, modules, ndim):
+    """The output axes (of ``ndim``) along which the parameters of elementwise arithmetic
+    (``broadcasts``) vary, by broadcasting's right alignment: a scale of shape (C,) varies along
+    the last axis, one of shape (C, 1, 1) along axis 1 of a (B, C, H, W) map."""
+    if not kind_of(node, modules).broadcasts:
+        return set()
+    return {ndim - value.dim() + k for value in _parameters_read(node, modules[""])
+            for k, n in enumerate(value.shape) if n != 1 and value.dim() <= ndim}
 
 
 _INPUT_FEATURE_ATTRIBUTES = ("in_features", "in_channels", "num_features", "num_channels",
                              "embed_dim")
 
 
-def input_feature_counts(module):
-    """The feature counts a parametrised module reads (Linear's in_features, Conv's
-    in_channels, a norm's features); empty when it does not say."""
+def input_feature_counts(node, modules):
+    """The feature counts a parametrised op reads: a module's (Linear's in_features, Conv's
+    in_channels, a norm's features), or a function op's by its weight (``input_axis``: F.linear's
+    (out, in), x @ W's (in, out)); empty when it does not say."""
+    if node.op != "call_module":
+        axis = kind_of(node, modules).input_axis
+        return set() if axis is None else {
+            w.shape[axis] for w in _parameters_read(node, modules[""]) if w.dim() >= 2}
+    module = modules[node.target]
     for name in _INPUT_FEATURE_ATTRIBUTES:
         if isinstance(getattr(module, name, None), int):
             return {getattr(module, name)}
