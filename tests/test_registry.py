@@ -163,6 +163,13 @@ FUNCTION_CASES = {   # op, its positional arguments (parameters at the positions
                                                       torch.randn(4), 1e-5]),
     "layer_norm-2d-no-bias": (F.layer_norm, lambda: [torch.randn(2, 3, 4), (3, 4),
                                                      torch.randn(3, 4)]),
+    "conv2d": (aten.conv2d.default, lambda: [torch.randn(2, 4, 7, 6), torch.randn(6, 2, 3, 2),
+                                              torch.randn(6), [2, 1], [1, 0], [1, 2], 2]),
+    "conv2d-same": (aten.conv2d.padding, lambda: [torch.randn(2, 3, 6, 5), torch.randn(4, 3, 4, 3),
+                                                   torch.randn(4), [1, 1], "same", [1, 2]]),
+    "conv1d-no-bias": (F.conv1d, lambda: [torch.randn(2, 3, 9), torch.randn(4, 3, 3), None, 2]),
+    "conv3d-valid": (aten.conv3d.padding, lambda: [torch.randn(1, 2, 4, 4, 4),
+                                                    torch.randn(3, 2, 2, 2, 2), None, [1, 1, 1], "valid"]),
 }
 
 

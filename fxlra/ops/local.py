@@ -171,6 +171,28 @@ def addmm_arg_grads(args, c):
     return {0: reduce_to(c, bias.shape), 2: x.t() @ c}
 
 
+def conv_arg_grads(args, c):
+    """``conv{1,2,3}d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)``, padding
+    as numbers or "valid" / "same" (ATen's conv2d.padding), by the module rule."""
+    weight, n = args[1], args[1].dim() - 2
+    arg = [None, None, None, 1, 0, 1, 1]
+    arg[:len(args)] = args
+
+    def each(v):
+        v = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+        return v * n if len(v) == 1 else v
+    m = SimpleNamespace(weight=weight, bias=arg[2], stride=each(arg[3]), dilation=each(arg[5]),
+                        groups=arg[6], padding_mode="zeros", out_channels=weight.shape[0],
+                        padding=arg[4] if isinstance(arg[4], str) else each(arg[4]))
+    if isinstance(m.padding, str):            # nn.Conv's split of "same": the odd one after
+        totals = [0] * n if m.padding == "valid" else [
+            d * (k - 1) for d, k in zip(m.dilation, weight.shape[2:])]
+        m._reversed_padding_repeated_twice = [p for t in reversed(totals)
+                                              for p in (t // 2, t - t // 2)]
+    grads = conv_grads(m, args[0], c)
+    return {1: grads["weight"], 2: grads.get("bias")}
+
+
 def embedding_arg_grads(args, c):
     """``aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse)``; a
     dense gradient also where ``sparse`` asks autograd for a sparse one."""

@@ -116,6 +116,8 @@ _FUNCTION_ROWS = [
                                      rule="addmm")),
     ((aten.embedding,), dict(arg_grads=local.embedding_arg_grads, grad_args=(0,),
                              rule="embedding")),
+    ((F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d),
+     dict(arg_grads=local.conv_arg_grads, grad_args=(1, 2), rule="conv")),
     # x @ W with W (in, out): features in the output's last axis, counted by W's and the bias's
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul), dict(channel_last=True, feature_axis=-1)),
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul, operator.matmul, aten.addmm, aten.mm,
