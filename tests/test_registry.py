@@ -167,6 +167,12 @@ FUNCTION_CASES = {   # op, its positional arguments (parameters at the positions
                                               torch.randn(6), [2, 1], [1, 0], [1, 2], 2]),
     "conv2d-same": (aten.conv2d.padding, lambda: [torch.randn(2, 3, 6, 5), torch.randn(4, 3, 4, 3),
                                                    torch.randn(4), [1, 1], "same", [1, 2]]),
+    "batch_norm-train": (aten.batch_norm.default, lambda: [
+        torch.randn(4, 3, 5, 2), torch.randn(3), torch.randn(3), torch.zeros(3), torch.ones(3),
+        True, 0.1, 1e-5, False]),
+    "batch_norm-eval": (aten.batch_norm.default, lambda: [
+        torch.randn(4, 3, 5), torch.randn(3), torch.randn(3), torch.randn(3), torch.rand(3) + 0.5,
+        False, 0.1, 1e-3, False]),
     "conv1d-no-bias": (F.conv1d, lambda: [torch.randn(2, 3, 9), torch.randn(4, 3, 3), None, 2]),
     "conv3d-valid": (aten.conv3d.padding, lambda: [torch.randn(1, 2, 4, 4, 4),
                                                     torch.randn(3, 2, 2, 2, 2), None, [1, 1, 1], "valid"]),

@@ -2,6 +2,8 @@
 the single-process ``reduce``, and the per-update batch scales.
 """
 
+from ..ops.local import attribute
+
 
 class Fetch:
     """Reads a parameter, buffer or constant of the GraphModule at call time (so .to() works)."""
@@ -10,10 +12,7 @@ class Fetch:
         self.gm = gm
 
     def __call__(self, target):
-        obj = self.gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return attribute(self.gm, target)
 
 
 class NoReduce:

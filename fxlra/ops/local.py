@@ -171,6 +171,15 @@ def addmm_arg_grads(args, c):
     return {0: reduce_to(c, bias.shape), 2: x.t() @ c}
 
 
+def batchnorm_arg_grads(args, c):
+    """``batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, ...)``:
+    the module rule, with the batch statistics in training and the running ones in eval."""
+    x, weight, bias, mean, var, training, _, eps = args[:8]
+    grads = batchnorm_grads(SimpleNamespace(weight=weight, bias=bias, running_mean=mean,
+                                            running_var=var, training=training, eps=eps), x, c)
+    return {1: grads.get("weight"), 2: grads.get("bias")}
+
+
 def conv_arg_grads(args, c):
     """``conv{1,2,3}d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)``, padding
     as numbers or "valid" / "same" (ATen's conv2d.padding), by the module rule."""
@@ -301,6 +310,14 @@ def recorded_prime(call, h):
     return torch.func.jvp(call.apply_to, (h,), (torch.ones_like(h),))[1]
 
 
+def attribute(root, target):
+    """``root``'s attribute by its qualified name (a ``get_attr`` node's target)."""
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 class OpCall:
     """One fx node's op, with its recorded call form, for the rules above and the fallbacks."""
 
@@ -333,10 +350,7 @@ class OpCall:
         return self(h, *args, **kwargs)
 
     def _attribute(self, node):
-        value = self._root
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        return value
+        return attribute(self._root, node.target)
 
     def __call__(self, *args, **kwargs):
         if self.module is not None:

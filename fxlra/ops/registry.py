@@ -118,6 +118,8 @@ _FUNCTION_ROWS = [
                              rule="embedding")),
     ((F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d),
      dict(arg_grads=local.conv_arg_grads, grad_args=(1, 2), rule="conv")),
+    ((aten.batch_norm,), dict(arg_grads=local.batchnorm_arg_grads, grad_args=(1, 2),
+                              rule="batchnorm")),
     # x @ W with W (in, out): features in the output's last axis, counted by W's and the bias's
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul), dict(channel_last=True, feature_axis=-1)),
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul, operator.matmul, aten.addmm, aten.mm,
@@ -310,12 +312,14 @@ def rule_name(node, modules):
 
 def function_grads(node, modules):
     """A function op's explicit weight-gradient rule: its row's, where the op is called with
-    positional arguments only and each parameter (``get_attr``) sits where the rule covers it;
-    else None (torch.func's VJP)."""
+    positional arguments only and each parameter (``get_attr``; buffers such as running
+    statistics aside) sits where the rule covers it; else None (torch.func's VJP)."""
     row = kind_of(node, modules)
     if node.op != "call_function" or row.arg_grads is None or node.kwargs:
         return None
-    at = {k for k, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"}
+    params = {id(p) for p in _parameters_read(node, modules[""])}
+    at = {k for k, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"
+          and id(local.attribute(modules[""], a.target)) in params}
     return row.arg_grads if at and at <= set(row.grad_args) else None
 
 
@@ -352,9 +356,7 @@ def _parameters_read(node, root):
     """The parameters a function op reads through ``get_attr``."""
     for a in node.all_input_nodes:
         if a.op == "get_attr":
-            value = root
-            for part in a.target.split("."):
-                value = getattr(value, part)
+            value = local.attribute(root, a.target)
             if isinstance(value, nn.Parameter):
                 yield value
 
