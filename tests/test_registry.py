@@ -200,3 +200,26 @@ def test_a_function_rule_gives_the_gradients_of_the_ops_own_vjp(case):
     got = row.arg_grads(args, c)
     for k in at:
         torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
+
+
+CARRY_CASES = {   # op, its positional arguments, the position whose error the rule gives
+    "linear": (aten.linear.default, lambda: [torch.randn(2, 3, 4), torch.randn(5, 4),
+                                              torch.randn(5)], 0),
+    "addmm": (aten.addmm.default, lambda: [torch.randn(5), torch.randn(6, 4), torch.randn(4, 5)],
+              1),
+    "mm": (aten.mm.default, lambda: [torch.randn(6, 4), torch.randn(4, 5)], 0),
+    "matmul-batched": (torch.matmul, lambda: [torch.randn(2, 3, 4), torch.randn(2, 4, 5)], 0),
+    "matmul-broadcast": (torch.matmul, lambda: [torch.randn(3, 4), torch.randn(2, 4, 5)], 0),
+    "pow": (aten.pow.Tensor_Scalar, lambda: [torch.rand(3, 4) + 0.5, 3.0], 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CARRY_CASES))
+def test_a_function_carry_gives_the_error_of_the_ops_own_vjp_at_its_input(case):
+    op, make, k = CARRY_CASES[case]
+    torch.manual_seed(0)
+    args = [a.double() if isinstance(a, torch.Tensor) else a for a in make()]
+    row = registry.FUNCTIONS.get(op) or registry.FUNCTIONS[op.overloadpacket]
+    c = torch.randn_like(op(*args))
+    _, pull = torch.func.vjp(lambda v: op(*args[:k], v, *args[k + 1:]), args[k])
+    torch.testing.assert_close(row.arg_carry(args, c, k), pull(c)[0], rtol=1e-12, atol=1e-12)

@@ -182,6 +182,13 @@ class UpdateStage:
             fn = self.glob(rule, f"carry_{rule.__name__}")
             self._cot(x.name, f"{fn}({self.opcall(node)}, {x.name}, {c})", defined, [c, x.name])
             return
+        at = [k for k, a in enumerate(node.args) if isinstance(a, fx.Node) and a.name in region]
+        if (fn := registry.function_carry(node, self.modules, at)) is not None:
+            args = "[" + ", ".join(self.fmt(a) for a in node.args) + "]"
+            for k in at:
+                self._cot(node.args[k].name, f"local.{fn.__name__}({args}, {c}, {k})", defined,
+                          [c] + [a.name for a in node.all_input_nodes])
+            return
         self.fallbacks.append(node.name)
         leaves = _leaves(node)
         wrt = [k for k, a in enumerate(leaves) if isinstance(a, fx.Node) and a.name in region]

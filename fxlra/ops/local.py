@@ -202,6 +202,28 @@ def conv_arg_grads(args, c):
     return {1: grads["weight"], 2: grads.get("bias")}
 
 
+def linear_arg_carry(args, c, k):
+    """``linear(x, weight, bias=None)``'s error at x: c W."""
+    return c @ args[1].to(c.dtype)
+
+
+def addmm_arg_carry(args, c, k):
+    """``addmm(bias, x, weight)``'s error at x: c W^T."""
+    return c @ args[2].to(c.dtype).t()
+
+
+def matmul_arg_carry(args, c, k):
+    """``x @ w``'s error at x: c w^T (over w's last two axes), summed over what broadcast."""
+    w = args[1].to(c.dtype)
+    return reduce_to(c @ (w.t() if w.dim() < 2 else w.transpose(-1, -2)), args[0].shape)
+
+
+def pow_arg_carry(args, c, k):
+    """``x ** e``'s error at x: c e x^(e - 1)."""
+    x, e = args[0], args[1]
+    return reduce_to(c * e * x.to(c.dtype) ** (e - 1), x.shape)
+
+
 def embedding_arg_grads(args, c):
     """``aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse)``; a
     dense gradient also where ``sparse`` asks autograd for a sparse one."""

@@ -37,6 +37,8 @@ class OpKind:
     rule: str = "local-vjp"              # the name of ``grads`` in the Plan and explain()
     arg_grads: Callable | None = None    # a function op's rule(args, c) -> {position: gradient}
     grad_args: tuple = ()                # the positions of the parameters ``arg_grads`` covers
+    arg_carry: Callable | None = None    # a function op's carry(args, c, k) -> error at arg k
+    carry_args: tuple = ()               # the argument positions ``arg_carry`` covers
     norm: bool = False                   # a normalisation layer (norm_error="vjp" or "pass")
     layout: bool = False                 # only moves or regroups elements
     constant: bool = False               # its value ignores its inputs' values
@@ -120,6 +122,12 @@ _FUNCTION_ROWS = [
      dict(arg_grads=local.conv_arg_grads, grad_args=(1, 2), rule="conv")),
     ((aten.batch_norm,), dict(arg_grads=local.batchnorm_arg_grads, grad_args=(1, 2),
                               rule="batchnorm")),
+    # the error at a function op's input, from its other arguments' values
+    ((F.linear, aten.linear), dict(arg_carry=local.linear_arg_carry, carry_args=(0,))),
+    ((torch.addmm, aten.addmm), dict(arg_carry=local.addmm_arg_carry, carry_args=(1,))),
+    ((torch.mm, torch.matmul, operator.matmul, aten.mm, aten.matmul),
+     dict(arg_carry=local.matmul_arg_carry, carry_args=(0,))),
+    ((torch.pow, operator.pow, aten.pow), dict(arg_carry=local.pow_arg_carry, carry_args=(0,))),
     # x @ W with W (in, out): features in the output's last axis, counted by W's and the bias's
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul), dict(channel_last=True, feature_axis=-1)),
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul, operator.matmul, aten.addmm, aten.mm,
@@ -321,6 +329,16 @@ def function_grads(node, modules):
     at = {k for k, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"
           and id(local.attribute(modules[""], a.target)) in params}
     return row.arg_grads if at and at <= set(row.grad_args) else None
+
+
+def function_carry(node, modules, positions):
+    """A function op's explicit carry to its arguments at ``positions``: its row's, where the op
+    is called with positional arguments only and the rule covers every such position; else None
+    (torch.func's VJP)."""
+    row = kind_of(node, modules)
+    if node.op != "call_function" or row.arg_carry is None or node.kwargs or not positions:
+        return None
+    return row.arg_carry if set(positions) <= set(row.carry_args) else None
 
 
 def is_weight_op(node, modules):
