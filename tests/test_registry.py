@@ -175,7 +175,8 @@ FUNCTION_CASES = {   # op, its positional arguments (parameters at the positions
         False, 0.1, 1e-3, False]),
     "conv1d-no-bias": (F.conv1d, lambda: [torch.randn(2, 3, 9), torch.randn(4, 3, 3), None, 2]),
     "conv3d-valid": (aten.conv3d.padding, lambda: [torch.randn(1, 2, 4, 4, 4),
-                                                    torch.randn(3, 2, 2, 2, 2), None, [1, 1, 1], "valid"]),
+                                                    torch.randn(3, 2, 2, 2, 2), None, [1, 1, 1],
+                                                    "valid"]),
 }
 
 
@@ -210,6 +211,7 @@ CARRY_CASES = {   # op, its positional arguments, the position whose error the r
     "mm": (aten.mm.default, lambda: [torch.randn(6, 4), torch.randn(4, 5)], 0),
     "matmul-batched": (torch.matmul, lambda: [torch.randn(2, 3, 4), torch.randn(2, 4, 5)], 0),
     "matmul-broadcast": (torch.matmul, lambda: [torch.randn(3, 4), torch.randn(2, 4, 5)], 0),
+    "matmul-vector": (torch.matmul, lambda: [torch.randn(2, 3, 4), torch.randn(4)], 0),
     "pow": (aten.pow.Tensor_Scalar, lambda: [torch.rand(3, 4) + 0.5, 3.0], 0),
 }
 

@@ -213,9 +213,11 @@ def addmm_arg_carry(args, c, k):
 
 
 def matmul_arg_carry(args, c, k):
-    """``x @ w``'s error at x: c w^T (over w's last two axes), summed over what broadcast."""
+    """``x @ w``'s error at x: c w^T (over w's last two axes; c w^T's outer product for a
+    vector w), summed over what broadcast."""
     w = args[1].to(c.dtype)
-    return reduce_to(c @ (w.t() if w.dim() < 2 else w.transpose(-1, -2)), args[0].shape)
+    carried = c.unsqueeze(-1) * w if w.dim() == 1 else c @ w.transpose(-1, -2)
+    return reduce_to(carried, args[0].shape)
 
 
 def pow_arg_carry(args, c, k):
@@ -347,7 +349,7 @@ class OpCall:
         self.name, self.op, self.target = node.name, node.op, node.target
         self.module = modules[node.target] if node.op == "call_module" else None
         self.args, self.kwargs = node.args, node.kwargs
-        self._root = modules.get("")
+        self._root = modules[""]                       # the model: get_attr targets
         self.input_names = [a.name for a in node.all_input_nodes]
 
     def arg(self, name, position, default):
@@ -363,7 +365,7 @@ class OpCall:
             return self.module(h)
         rest = torch.utils._pytree.tree_leaves((self.args[1:], self.kwargs))
         tensors = [a.name for a in rest if isinstance(a, fx.Node) and a.op != "get_attr"]
-        if tensors or self._root is None and any(isinstance(a, fx.Node) for a in rest):
+        if tensors:
             raise UnsupportedError(f"{self.name} ({self.target}) reads other tensors "
                                    f"({', '.join(tensors)}) besides its input; fxlra cannot "
                                    "apply it as an activation. Register it with "

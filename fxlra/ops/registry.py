@@ -325,9 +325,8 @@ def function_grads(node, modules):
     row = kind_of(node, modules)
     if node.op != "call_function" or row.arg_grads is None or node.kwargs:
         return None
-    params = {id(p) for p in _parameters_read(node, modules[""])}
     at = {k for k, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"
-          and id(local.attribute(modules[""], a.target)) in params}
+          and isinstance(local.attribute(modules[""], a.target), nn.Parameter)}
     return row.arg_grads if at and at <= set(row.grad_args) else None
 
 
