@@ -9,7 +9,7 @@ from .analysis import placement, sites as analysis, wiring as wiring_mod
 from . import options as options_mod
 from .frontend import export as export_mod, passes, shapes, trace
 from .semantics import rules, synapses as syn
-from .errors import OptionError, TraceError
+from .errors import OptionError, PlanError, TraceError
 from .analysis.params import multi_op_modules
 from .analysis.plan import Plan
 from .runtime.program import Program
@@ -37,11 +37,21 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
         max_skips=max_skips, kernels=kernels, devices=devices, streams=streams,
         cuda_graph=cuda_graph, preset=preset, scope=scope, norm_error=norm_error,
         map_synapse=map_synapse, shared_params=shared_params)
+    given = example_inputs
     gm, example_inputs = _capture(model, frontend, leaf_modules, concrete_args, example_inputs,
                                   example_kwargs)
-    sites, params, site_graph = analysis.analyse(gm, model, rules.OUTPUT_PHI[options.loss],
-                                                 example_inputs, options.scope,
-                                                 options.shared_params)
+
+    def analysed(gm, inputs):
+        return analysis.analyse(gm, model, rules.OUTPUT_PHI[options.loss], inputs,
+                                options.scope, options.shared_params)
+    try:
+        sites, params, site_graph = analysed(gm, example_inputs)
+    except PlanError as exc:
+        if frontend != "auto" or gm.meta["frontend"][0] != "fx" or \
+                not getattr(exc, "graph_fails", False):
+            raise
+        gm, example_inputs = _mistraced(model, given, example_kwargs, exc)
+        sites, params, site_graph = analysed(gm, example_inputs)
     graph, name = wiring_mod.build(wiring, site_graph, depth)
     edges, modules = syn.build_edges(sites, graph, synapses, error_init_std, gm,
                                      options.map_synapse)
@@ -78,6 +88,18 @@ def _capture(model, frontend, leaf_modules, concrete_args, example_inputs, examp
                              f"{second.reason}") from None
     gm.meta["frontend"] = ("fx", "torch.fx symbolic tracing")
     return gm, example_inputs
+
+
+def _mistraced(model, example_inputs, example_kwargs, exc):
+    """torch.export's graph where symbolic tracing's does not run on the example batch (it
+    took a branch on a traced value, such as ``if mask is not None`` of a default-None
+    input); the PlanError, with export's reason, where export fails too."""
+    try:
+        return _exported(model, example_inputs, example_kwargs,
+                         f"its torch.fx graph fails on the example batch ({exc.detail})")
+    except TraceError as second:
+        raise PlanError(f"{exc} torch.export could not capture it either: "
+                        f"{second.reason}") from None
 
 
 def _exported(model, example_inputs, example_kwargs, why):

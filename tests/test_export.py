@@ -11,7 +11,7 @@ from torch import nn
 
 import fxlra
 from fxlra import models
-from fxlra.errors import InputError, OptionError, TraceError
+from fxlra.errors import InputError, OptionError, PlanError, TraceError
 from fxlra.semantics import rules
 from helpers import assert_matches_reference, assert_updates_match
 
@@ -304,3 +304,27 @@ def test_a_torch_function_that_export_splits_gets_a_site_where_its_input_fans_ou
     assert [(r.param, r.site) for r in exported.plan.params][:2] == [
         ("mix.weight", "linear"), ("mix.bias", "linear")]
     assert_matches_reference(exported, x, y)
+
+
+class _MaskedByDefault(nn.Module):
+    """``if mask is not None``: symbolic tracing makes ``mask`` an input and traces the masked
+    branch, a graph that fails on a batch without a mask (as timm's Hiera does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask.view(-1, 1)
+        return self.out(torch.tanh(self.lin(x)))
+
+
+def test_the_default_frontend_falls_back_to_export_where_the_traced_graph_fails_on_the_batch():
+    model, x = _MaskedByDefault(), torch.randn(4, 4)
+    with pytest.raises(PlanError, match="cannot infer the tensor shapes"):
+        fxlra.compile(model, example_inputs=x, frontend="fx")
+    prog = fxlra.compile(model, example_inputs=x)
+    assert prog.frontend == "export"
+    assert "its torch.fx graph fails on the example batch (input (4, 4): " in repr(prog)
+    assert_matches_reference(prog, x, torch.randint(0, 3, (4,)))

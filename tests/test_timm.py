@@ -4,8 +4,9 @@ error that names the fix. Randomly initialised models (no weights are downloaded
 
 The default tier runs ``timm_zoo.DEFAULT_TIER`` (the models that once failed: attention's
 permuted q, k, v; a weight-standardised convolution; a shared module; timm's own fx leaves; a
-parameter read for its dtype; BatchNormAct2d; a drop-path mask; heads folded into the batch).
-``test_every_timm_model`` sweeps all of ``timm_zoo.MODELS`` (58 models in 8 families) and is
+parameter read for its dtype; BatchNormAct2d; a drop-path mask; heads folded into the batch; a
+branch on a default-None input that symbolic tracing takes wrongly).
+``test_every_timm_model`` sweeps all of ``timm_zoo.MODELS`` (59 models in 8 families) and is
 marked ``slow``: ``FXLRA_SLOW=1 python3 -m pytest -q -m slow tests/test_timm.py`` (about two
 minutes on 2 cores).
 """
@@ -27,6 +28,7 @@ def check(name):
             fxlra.compile(model, wiring="residual", example_inputs=(x,)).updates(x, y)
         return
     prog = fxlra.compile(model, wiring="residual", example_inputs=(x,))
+    assert prog.frontend == ("export" if name in timm_zoo.EXPORTED else "fx")
     # the same dropout and drop-path masks in both
     updates, _ = assert_matches_reference(prog, x, y, "float32_timm", seed=1)
     for n, u in updates.items():

@@ -193,8 +193,11 @@ def propagate_shapes(gm, example_inputs=None):
     detail = "; ".join(errors[-2:]) or "its first layer does not tell the input's channel count"
     fix = "Check that example_inputs is a batch the model accepts" if example_inputs is not None \
         else "Pass one example batch: fxlra.compile(model, example_inputs=x)"
-    raise PlanError(f"fxlra cannot infer the tensor shapes of {gm.__class__.__name__} "
-                    f"({detail}). {fix}")
+    error = PlanError(f"fxlra cannot infer the tensor shapes of {gm.__class__.__name__} "
+                      f"({detail}). {fix}")
+    error.graph_fails = example_inputs is not None     # the graph fails on the user's batch
+    error.detail = detail
+    raise error
 
 
 def tensor_meta(node):
