@@ -50,7 +50,10 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
         if frontend != "auto" or gm.meta["frontend"][0] != "fx" or \
                 not getattr(exc, "graph_fails", False):
             raise
-        gm, example_inputs = _mistraced(model, given, example_kwargs, exc)
+        # symbolic tracing took a branch on a traced value (``if mask is not None`` of a
+        # default-None input): its graph fails on the batch the model runs
+        gm, example_inputs = _instead(model, given, example_kwargs, exc, "its torch.fx graph "
+                                      f"fails on the example batch ({exc.detail})")
         sites, params, site_graph = analysed(gm, example_inputs)
     graph, name = wiring_mod.build(wiring, site_graph, depth)
     edges, modules = syn.build_edges(sites, graph, synapses, error_init_std, gm,
@@ -80,25 +83,19 @@ def _capture(model, frontend, leaf_modules, concrete_args, example_inputs, examp
         if example_inputs is None and not example_kwargs:
             raise TraceError(f"{exc} Or pass an example batch (example_inputs=x) so that fxlra "
                              "captures the model with torch.export instead") from None
-        try:
-            return _exported(model, example_inputs, example_kwargs,
-                             f"torch.fx could not trace it ({getattr(exc, 'kind', exc)})")
-        except TraceError as second:
-            raise TraceError(f"{exc} torch.export could not capture it either: "
-                             f"{second.reason}") from None
+        return _instead(model, example_inputs, example_kwargs, exc,
+                        f"torch.fx could not trace it ({getattr(exc, 'kind', exc)})")
     gm.meta["frontend"] = ("fx", "torch.fx symbolic tracing")
     return gm, example_inputs
 
 
-def _mistraced(model, example_inputs, example_kwargs, exc):
-    """torch.export's graph where symbolic tracing's does not run on the example batch (it
-    took a branch on a traced value, such as ``if mask is not None`` of a default-None
-    input); the PlanError, with export's reason, where export fails too."""
+def _instead(model, example_inputs, example_kwargs, exc, why):
+    """torch.export's graph where symbolic tracing failed (``exc``, said by ``why``); where
+    export fails too, ``exc`` again, with export's reason."""
     try:
-        return _exported(model, example_inputs, example_kwargs,
-                         f"its torch.fx graph fails on the example batch ({exc.detail})")
+        return _exported(model, example_inputs, example_kwargs, why)
     except TraceError as second:
-        raise PlanError(f"{exc} torch.export could not capture it either: "
+        raise type(exc)(f"{exc} torch.export could not capture it either: "
                         f"{second.reason}") from None
 
 
