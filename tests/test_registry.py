@@ -213,6 +213,9 @@ CARRY_CASES = {   # op, its positional arguments, the position whose error the r
     "matmul-broadcast": (torch.matmul, lambda: [torch.randn(3, 4), torch.randn(2, 4, 5)], 0),
     "matmul-vector": (torch.matmul, lambda: [torch.randn(2, 3, 4), torch.randn(4)], 0),
     "pow": (aten.pow.Tensor_Scalar, lambda: [torch.rand(3, 4) + 0.5, 3.0], 0),
+    "slice": (aten.slice.Tensor, lambda: [torch.randn(3, 8), 1, 2, 9223372036854775807, 2], 0),
+    "slice-defaults": (aten.slice.Tensor, lambda: [torch.randn(5, 2)], 0),
+    "slice-negative": (aten.slice.Tensor, lambda: [torch.randn(3, 8), 1, -5, -1], 0),
 }
 
 
@@ -225,3 +228,16 @@ def test_a_function_carry_gives_the_error_of_the_ops_own_vjp_at_its_input(case):
     c = torch.randn_like(op(*args))
     _, pull = torch.func.vjp(lambda v: op(*args[:k], v, *args[k + 1:]), args[k])
     torch.testing.assert_close(row.arg_carry(args, c, k), pull(c)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op, size, used", [
+    (aten.split.Tensor, 3, (0, 2)), (aten.split_with_sizes.default, [2, 4, 1], (1,)),
+    (torch.split, [3, 4], (0, 1))])
+def test_the_split_carry_gives_the_error_of_its_vjp_for_the_parts_that_carry_one(op, size, used):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    c = {i: torch.randn_like(p) for i, p in enumerate(op(x, size, 1)) if i in used}
+    _, pull = torch.func.vjp(lambda v: [p for i, p in enumerate(op(v, size, 1)) if i in used], x)
+    want = pull([c[i] for i in used])[0]
+    row = registry.FUNCTIONS.get(op) or registry.FUNCTIONS[op.overloadpacket]
+    torch.testing.assert_close(row.arg_carry([x, size, 1], c, 0), want, rtol=0, atol=0)

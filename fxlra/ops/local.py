@@ -226,6 +226,26 @@ def pow_arg_carry(args, c, k):
     return reduce_to(c * e * x.to(c.dtype) ** (e - 1), x.shape)
 
 
+def slice_arg_carry(args, c, k):
+    """``aten.slice(x, dim=0, start=None, end=None, step=1)``'s error at x: c in its slice,
+    zero elsewhere."""
+    x, rest = args[0], list(args[1:]) + [0, None, None, 1][len(args) - 1:]
+    dim, start, end, step = rest[:4]
+    size = x.shape[dim]
+    start, end = start or 0, size if end is None else end
+    return aten.slice_backward(c, list(x.shape), dim, start, end, step)
+
+
+def split_arg_carry(args, c, k):
+    """``split(x, size or sizes, dim=0)``'s error at x, for the errors of its parts ({part:
+    error}): the parts' errors side by side, zero for a part that has none."""
+    x, dim = args[0], args[2] if len(args) > 2 else 0
+    dtype = next(iter(c.values())).dtype
+    parts = torch.split(x, args[1], dim)
+    return torch.cat([c[i] if i in c else torch.zeros_like(p, dtype=dtype)
+                      for i, p in enumerate(parts)], dim)
+
+
 def embedding_arg_grads(args, c):
     """``aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse)``; a
     dense gradient also where ``sparse`` asks autograd for a sparse one."""

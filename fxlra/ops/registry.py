@@ -128,6 +128,9 @@ _FUNCTION_ROWS = [
     ((torch.mm, torch.matmul, operator.matmul, aten.mm, aten.matmul),
      dict(arg_carry=local.matmul_arg_carry, carry_args=(0,))),
     ((torch.pow, operator.pow, aten.pow), dict(arg_carry=local.pow_arg_carry, carry_args=(0,))),
+    ((aten.slice,), dict(arg_carry=local.slice_arg_carry, carry_args=(0,))),
+    ((torch.split, aten.split, aten.split_with_sizes),
+     dict(arg_carry=local.split_arg_carry, carry_args=(0,))),
     # x @ W with W (in, out): features in the output's last axis, counted by W's and the bias's
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul), dict(channel_last=True, feature_axis=-1)),
     ((torch.addmm, torch.mm, torch.bmm, torch.matmul, operator.matmul, aten.addmm, aten.mm,
