@@ -47,8 +47,8 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     try:
         sites, params, site_graph = analysed(gm, example_inputs)
     except PlanError as exc:
-        if frontend != "auto" or gm.meta["frontend"][0] != "fx" or \
-                not getattr(exc, "graph_fails", False):
+        if frontend != "auto" or gm.meta["frontend"][0] != "fx" or given is None or \
+                not hasattr(exc, "detail"):
             raise
         # symbolic tracing took a branch on a traced value (``if mask is not None`` of a
         # default-None input): its graph fails on the batch the model runs

@@ -195,8 +195,7 @@ def propagate_shapes(gm, example_inputs=None):
         else "Pass one example batch: fxlra.compile(model, example_inputs=x)"
     error = PlanError(f"fxlra cannot infer the tensor shapes of {gm.__class__.__name__} "
                       f"({detail}). {fix}")
-    error.graph_fails = example_inputs is not None     # the graph fails on the user's batch
-    error.detail = detail
+    error.detail = detail                # what the graph failed with (compiler: export instead)
     raise error
 
 

@@ -229,11 +229,9 @@ def pow_arg_carry(args, c, k):
 def slice_arg_carry(args, c, k):
     """``aten.slice(x, dim=0, start=None, end=None, step=1)``'s error at x: c in its slice,
     zero elsewhere."""
-    x, rest = args[0], list(args[1:]) + [0, None, None, 1][len(args) - 1:]
-    dim, start, end, step = rest[:4]
-    size = x.shape[dim]
-    start, end = start or 0, size if end is None else end
-    return aten.slice_backward(c, list(x.shape), dim, start, end, step)
+    x, dim, start, end, step = list(args) + [0, None, None, 1][len(args) - 1:]
+    end = x.shape[dim] if end is None else end
+    return aten.slice_backward(c, list(x.shape), dim, start or 0, end, step)
 
 
 def split_arg_carry(args, c, k):
