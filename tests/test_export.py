@@ -184,7 +184,8 @@ class _BatchAsNumber(nn.Module):
 
 def _falls_back(model, x, error, match, why):
     """The model fails under frontend="fx" with ``error``; the default frontend exports it,
-    says ``why``, and its program equals its reference."""
+    says ``why``, and its program equals its reference (both in float64)."""
+    model, x = model.double(), x.double()
     with pytest.raises(error, match=match):
         fxlra.compile(model, example_inputs=x, frontend="fx")
     prog = fxlra.compile(model, example_inputs=x)
