@@ -11,6 +11,7 @@ from .frontend import export as export_mod, passes, shapes, trace
 from .semantics import rules, synapses as syn
 from .errors import OptionError, PlanError, TraceError
 from .analysis.params import multi_op_modules
+from .analysis.normed import reading_norms
 from .analysis.plan import Plan
 from .runtime.program import Program
 
@@ -58,8 +59,10 @@ def compile(model, wiring="residual", *, depth=2, loss="cross_entropy", beta=0.1
     graph, name = wiring_mod.build(wiring, site_graph, depth)
     edges, modules = syn.build_edges(sites, graph, synapses, error_init_std, gm,
                                      options.map_synapse)
+    normed = reading_norms(gm, sites, site_graph.outputs, dict(gm.named_modules())) \
+        if options.norm_error == "vjp" else ()
     plan = Plan(sites=sites, outputs=site_graph.outputs, params=params, edges=edges,
-                wiring=name, blocks=site_graph.blocks).verify()
+                wiring=name, blocks=site_graph.blocks, normed=normed).verify()
     where = _place(model, gm, plan, modules, devices)
     prog = Program(model, gm, plan, graph, modules, options, devices=devices, placement=where)
     return prog.train(model.training)

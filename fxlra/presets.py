@@ -9,7 +9,9 @@ train (benchmarks/learning.py), and the paper's own mechanisms, one switch away.
                  its child, carried back by their local VJP (fxlra/analysis/bootstrap.py); "hebbian-z":
                  +gamma z_i e_j^T (the paper's rule for its MNIST models)
     norm_error   "vjp": a normalisation layer carries the error by its input-VJP with the
-                 statistics the forward used; "pass": unchanged (the paper)
+                 statistics the forward used, and the displacement into a site that a LayerNorm
+                 or RMSNorm over its features reads goes through that norm's input-VJP at the
+                 site's statistics (fxlra/analysis/normed.py); "pass": unchanged (the paper)
     map_synapse  "spatial": the error synapse from a vector error to a feature map is dense to
                  the map (coarsened past a budget); "broadcast": dense to channels, the same at
                  every position (the paper)

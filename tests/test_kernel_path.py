@@ -35,7 +35,21 @@ SCRIPT = textwrap.dedent('''
         scale = TRITON_PATH_SHARE * float(expected.abs().max())
         torch.testing.assert_close(value, expected, rtol=PATH.rtol, atol=max(PATH.atol, scale),
                                    msg=msg)
+    class PreNorm(nn.Module):          # tokens; the norms read sites (their displacement
+        def __init__(self):            # goes through the norm's input-VJP)
+            super().__init__()
+            self.embed, self.norm1, self.fc = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 6)
+            self.norm2, self.head = nn.LayerNorm(6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.embed(x))
+            h = h + torch.tanh(self.fc(self.norm1(h)))
+            return self.head(self.norm2(h))
+
+    tokens = torch.randn(3, 5, 4)
     cases = {
+        "prenorm": (PreNorm(), "residual", tokens, torch.arange(15).view(3, 5) % 3,
+                    dict(example_inputs=tokens)),
         "mlp": (make_mlp(act=nn.Tanh), "pairwise", torch.randn(6, 5), torch.arange(6) % 4, {}),
         "cnn": (make_cnn(), "residual", torch.randn(4, 3, 8, 8), torch.arange(4) % 5,
                 dict(alpha={1: 0.19, 2: 0.24})),
@@ -52,6 +66,7 @@ SCRIPT = textwrap.dedent('''
         fused.load_state_dict(plain.state_dict())
         assert "kernels.target_and_error" in fused.code and "kernels" not in plain.code, name
         assert "ST.enter(" in fused.code and "ST." not in plain.code, name
+        assert bool(fused.plan.normed) == (name == "prenorm"), name
         if name == "presnet":
             assert "kernels.perturbative_forward" in fused.code, name
             assert "kernels.perturbative_grads" in fused.code, name
@@ -92,7 +107,7 @@ def test_the_triton_path_equals_the_torch_path_under_the_interpreter(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [ln.split()[:2] for ln in done.stdout.splitlines()] == [
-        ["mlp", "ok"], ["cnn", "ok"], ["cnn-paper", "ok"], ["presnet", "ok"]]
+        ["prenorm", "ok"], ["mlp", "ok"], ["cnn", "ok"], ["cnn-paper", "ok"], ["presnet", "ok"]]
 
 
 def test_auto_keeps_torch_ops_on_the_cpu_and_triton_there_is_a_clear_error(monkeypatch):

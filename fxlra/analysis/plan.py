@@ -102,6 +102,7 @@ class _Lookups:
     position: dict       # site -> its forward position
     rules: dict          # site -> its ParamRules
     op_rule: dict        # op -> the rule of its first parameter
+    normed: dict = field(default_factory=dict)      # site -> (norm kind, eps)
     order: tuple = None  # the error order (None: the error graph has a cycle)
     depth: object = None  # site -> depth
     wave: dict = field(default_factory=dict)        # site -> its wave of the error stage
@@ -116,6 +117,8 @@ class Plan:
     edges: tuple                     # Edge, sorted by (child, parent) forward positions
     wiring: str                      # how the error graph was made ("residual", "custom", ...)
     blocks: tuple = ()               # Block, one per residual merge, in forward order
+    normed: tuple = ()               # (site, "layer" or "rms", eps): the feature-axis norm that
+                                     # reads the site, its displacement through its input-VJP
     _index: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -132,7 +135,8 @@ class Plan:
             sites={s.name: s for s in self.sites}, parents=_tuples(parents),
             children=_tuples(children), edge={(e.parent, e.child): e for e in self.edges},
             edges_from=_tuples(from_parent), position={s.name: k for k, s in enumerate(self.sites)},
-            rules=_tuples(rules), op_rule={r.op: r.rule for r in reversed(self.params)})
+            rules=_tuples(rules), op_rule={r.op: r.rule for r in reversed(self.params)},
+            normed={name: (kind, eps) for name, kind, eps in self.normed})
         object.__setattr__(self, "_index", lookups)
         lookups.order = self._error_order()
         lookups.depth = self._depth()
@@ -221,6 +225,11 @@ class Plan:
     def rules_of(self, site):
         return self._index.rules.get(site, ())
 
+    def reader_norm(self, site):
+        """(kind, eps) of the norm whose input-VJP the site's displacement goes through, or
+        None."""
+        return self._index.normed.get(site)
+
     # -- checks -------------------------------------------------------------------------------
     def verify(self):
         """Check the Plan's invariants; raise AssertionError naming the first one broken."""
@@ -245,6 +254,10 @@ class Plan:
             assert e.child not in self.outputs, f"edge {e.key}: outputs take no displacement"
         for b in self.blocks:
             assert b.output in self._index.sites, f"block output {b.output} is not a site"
+        for name, kind, _ in self.normed:
+            assert name in self._index.sites and name not in self.outputs, \
+                f"normed site {name} is not an inner site"
+            assert kind in ("layer", "rms"), f"normed site {name}: unknown norm {kind}"
         for s in self.sites:
             if s.name not in self.outputs:
                 assert self.parents(s.name), f"site {s.name} has no parent in the error graph"
@@ -262,6 +275,9 @@ class Plan:
             parents = ", ".join(self.parents(s.name)) or "labels"
             lines.append(f"  {s.name:<24} {s.kind:<10} phi={s.activation:<10} {str(s.layout):<18}"
                          f" depth {depth[s.name]}  error from: {parents}")
+            if self.reader_norm(s.name):
+                lines.append(f"  {'':<24} read by a {self.reader_norm(s.name)[0]} norm: its "
+                             "displacement goes through that norm's input-VJP at its statistics")
             if s.crosses:
                 lines.append(f"  {'':<24} block-local VJP: its error crosses {', '.join(s.crosses)}"
                              " inside its block or stage (scope='block' or 'stage')")

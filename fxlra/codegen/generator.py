@@ -239,6 +239,11 @@ class Generator(UpdateStage):
                     uses += [err]
             self.src.add(f"disp_{i} = {' + '.join(terms)}", [f"disp_{i}"], uses + [i],
                          self._shape_note(i))
+            if self.plan.reader_norm(i):                     # through the norm that reads z_i
+                z = self._on(i, k, 0)
+                kind, eps = self.plan.reader_norm(i)
+                self.src.add(f"disp_{i} = syn.through_norm(disp_{i}, {z}, {kind!r}, {eps!r})",
+                             [f"disp_{i}"], [f"disp_{i}", z])
             alpha = rules.at_depth(o.alpha, depth[i])
             kappa = rules.at_depth(o.kappa, depth[i])
             if self._fused_error(site, alpha, kappa):

@@ -301,6 +301,10 @@ class UpdateStage:
                     else None
                 c, uses = (f"disp_{i} - {boot}", [f"disp_{i}", boot]) if boot else \
                     (f"disp_{i}", [f"disp_{i}"])
+                if self.plan.reader_norm(i):  # the fit is of the displacement, after the norm
+                    z = self._on(i, k, 0)
+                    kind, eps = self.plan.reader_norm(i)
+                    c, uses = f"syn.through_norm({c}, {z}, {kind!r}, {eps!r})", uses + [z]
             elif which == "z":
                 z = self._on(i, k, 0)
                 c, uses = z, [z]

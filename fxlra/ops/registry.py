@@ -47,6 +47,8 @@ class OpKind:
     feature_axis: int = 0                # the axis of its parameters that counts its features
     broadcasts: bool = False             # elementwise arithmetic: its parameters broadcast
     input_axis: int | None = None        # the axis of its weight that counts what it reads
+    feature_norm: Callable | None = None  # (node, modules) -> (kind, eps): it normalises its
+                                          # input over the last axis alone (else None)
 
     @property
     def mixes_features(self):
@@ -58,6 +60,26 @@ class OpKind:
 UNKNOWN = OpKind()
 NORM_ERRORS = ("vjp", "pass")
 _PASS, _ACTIVATION = dict(signs=(1,)), dict(activation=True, signs=(1,))
+
+
+def _module_norm(kind):
+    """A norm module's (kind, eps) where it normalises over the last axis alone."""
+    def spec(node, modules):
+        m = modules[node.target]
+        return (kind, m.eps) if len(m.normalized_shape) == 1 else None
+    return spec
+
+
+def _function_norm(kind, eps_at, default):
+    """``layer_norm(x, shape, weight, bias, eps)`` / ``rms_norm(x, shape, weight, eps)``'s
+    (kind, eps) where ``shape`` is the last axis alone."""
+    def spec(node, modules):
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        eps = node.args[eps_at] if len(node.args) > eps_at else node.kwargs.get("eps", default)
+        return (kind, eps) if isinstance(shape, (list, tuple)) and len(shape) == 1 else None
+    return spec
+
+
 _PHI_PRIME = {"relu": local.relu_prime, "ReLU": local.relu_prime, "tanh": local.tanh_prime,
               "Tanh": local.tanh_prime, "sigmoid": local.sigmoid_prime,
               "Sigmoid": local.sigmoid_prime, "sign": local.sign_prime,
@@ -98,6 +120,8 @@ _MODULE_ROWS = [
                                  carry=carry.locally_connected_input)),
     ((nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.MultiheadAttention),
      dict(channel_last=True)),
+    ((nn.LayerNorm,), dict(feature_norm=_module_norm("layer"))),
+    ((nn.RMSNorm,), dict(feature_norm=_module_norm("rms"))),
 ] + [((cls,), dict(carry=fn)) for cls, fn in _NORM_INPUT.items()]
 
 _FUNCTION_ROWS = [
@@ -113,7 +137,9 @@ _FUNCTION_ROWS = [
     ((F.linear, aten.linear), dict(arg_grads=local.linear_arg_grads, grad_args=(1, 2),
                                    rule="linear")),
     ((F.layer_norm, aten.layer_norm), dict(arg_grads=local.layernorm_arg_grads,
-                                           grad_args=(2, 3), rule="layernorm")),
+                                           grad_args=(2, 3), rule="layernorm",
+                                           feature_norm=_function_norm("layer", 4, 1e-5))),
+    ((F.rms_norm, aten.rms_norm), dict(feature_norm=_function_norm("rms", 3, None))),
     ((torch.addmm, aten.addmm), dict(arg_grads=local.addmm_arg_grads, grad_args=(0, 2),
                                      rule="addmm")),
     ((aten.embedding,), dict(arg_grads=local.embedding_arg_grads, grad_args=(0,),
@@ -341,6 +367,13 @@ def function_carry(node, modules, positions):
     if node.op != "call_function" or row.arg_carry is None or node.kwargs or not positions:
         return None
     return row.arg_carry if set(positions) <= set(row.carry_args) else None
+
+
+def feature_norm(node, modules):
+    """(kind, eps) of an op that normalises its first input over the last axis alone
+    ("layer": LayerNorm, "rms": RMSNorm; eps None: the dtype's), else None."""
+    row = kind_of(node, modules)
+    return row.feature_norm(node, modules) if row.feature_norm is not None else None
 
 
 def is_weight_op(node, modules):

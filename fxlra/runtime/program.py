@@ -140,6 +140,13 @@ class Program(nn.Module):
                          "the error of the sites that read its child site, carried back to the "
                          "child by those sites' own local VJP; that carried error trains the "
                          "synapse only and updates no parameter of the model.")
+        if self.plan.normed:
+            lines.append("norm_error='vjp': the displacements into "
+                         f"{', '.join(n for n, _, _ in self.plan.normed)} go through the input-VJP "
+                         "of the norm that reads each (LayerNorm or RMSNorm over the features), at "
+                         "the site's own statistics and without the norm's weight, so that they "
+                         "change with the input as the gradient there does; norm_error='pass' "
+                         "leaves them as the synapses give them.")
         if crossed:
             unit = "stage of at most two residual blocks" if self._options.scope == "stage" \
                 else "residual block"

@@ -135,6 +135,8 @@ class _Run:
             site, z = self.plan.site(i), self.env[i]
             d = sum(syn.apply(self.synapses[self.plan.edge(p, i).key], sig.errors[p], z.shape)
                     for p in parents)
+            if self.plan.reader_norm(i):
+                d = syn.through_norm(d, z, *self.plan.reader_norm(i))
             target = phi(site, self.env, self.modules, self.nodes, self.env[site.h] - self.o.beta * d)
             depth = self.depth[i]
             alpha, kappa = rules.at_depth(self.o.alpha, depth), rules.at_depth(self.o.kappa, depth)
@@ -256,12 +258,20 @@ class _Run:
                 c = sig.errors[i] * phi_prime(site, self.env, self.modules, self.nodes, pre)
             module = self.synapses[edge.key]
             local = {n: p.detach().requires_grad_() for n, p in module.named_parameters()}
-            e_j, shape = sig.errors[edge.parent].detach(), self.env[i].shape
+            e_j, z = sig.errors[edge.parent].detach(), self.env[i]
+            # the least-squares fit is of the displacement itself: through the reading norm's
+            # VJP where there is one; the Hebbian rules are of the synapse's own output
+            norm = self.plan.reader_norm(i) if which == "bootstrap" else None
             grads = _local_grad(
-                lambda: syn.apply(module, e_j, shape, local), list(local.values()), c)
+                lambda: _displacement(module, e_j, z, local, norm), list(local.values()), c)
             updates[edge.key] = {n: sign * self.o.gamma * g / batch
                                  for n, g in zip(local, grads)}
         return updates
+
+
+def _displacement(module, e, z, params, norm):
+    d = syn.apply(module, e, z.shape, params)
+    return d if norm is None else syn.through_norm(d, z, *norm)
 
 
 def compute_updates(gm, plan, synapses, x, y, options):

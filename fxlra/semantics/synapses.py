@@ -91,6 +91,22 @@ def place(d, kind, shape, child_dim):
     return d.reshape(view).expand(shape)
 
 
+def through_norm(d, z, kind, eps):
+    """``d`` carried back through the input-VJP of a norm over the last axis of ``z`` (without
+    its affine weight), at z's own statistics: "layer" (LayerNorm), "rms" (RMSNorm; eps None:
+    the dtype's). The map is symmetric, so a synapse's weight-gradient through it is its own
+    weight-gradient of ``through_norm(c)``."""
+    z = z.to(d.dtype)
+    if eps is None:
+        eps = torch.finfo(z.dtype).eps
+    if kind == "layer":
+        z = z - z.mean(-1, keepdim=True)
+        d = d - d.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+    n = z * rstd
+    return (d - n * (d * n).mean(-1, keepdim=True)) * rstd
+
+
 def _spatial(syn, e, shape):
     d = (e @ syn.weight.t()).reshape(shape[0], shape[1], *syn.grid)
     return _resize(d, shape[2:])
