@@ -139,34 +139,41 @@ def table(cells):
     return "\n".join(out)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["lcnet", "presnet18", "resnet18"],
-                   choices=sorted(TOP_SITE))
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+def probe_main(argv, description, models, rows, results, run, table, skip=None):
+    """The probes' command line: train every (model, row, seed) cell with ``run`` (``skip``:
+    cells that do not apply), write the cells to ``results`` after each, print ``table``;
+    ``--table`` prints the stored one."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--models", nargs="+", default=list(models), choices=sorted(models))
+    p.add_argument("--rows", nargs="+", default=list(rows), choices=list(rows))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", action="store_true", help="print the stored table and stop")
     args = p.parse_args(argv)
     if args.table:
-        with open(RESULTS) as f:
+        with open(results) as f:
             print(table(json.load(f)["cells"]))
         return
     torch.set_num_threads(args.threads)
     data, cells = load_digits(), []
     for model_name in args.models:
         for row in args.rows:
-            if row == "oracle-top" and model_name != "lcnet":
-                continue            # the head must be one Linear on the flattened top site
+            if skip is not None and skip(model_name, row):
+                continue
             for seed in args.seeds:
                 cells.append(run(model_name, row, seed, args.epochs, data))
-                c = cells[-1]
-                print(f"{model_name} {row} seed {seed}: {c['accuracy']} "
-                      f"({c['seconds']:.0f} s)", flush=True)
-    with open(RESULTS, "w") as f:
-        json.dump({"cells": cells}, f, indent=1)
+                print(f"{model_name} {row} seed {seed}: {cells[-1]['accuracy']}", flush=True)
+                with open(results, "w") as f:
+                    json.dump({"cells": cells}, f, indent=1)
     print(table(cells))
+
+
+def main(argv=None):
+    # oracle-top: the head must be one Linear on the flattened top site (the locally connected
+    # CNN's)
+    probe_main(argv, __doc__.split("\n\n")[0], ("lcnet", "presnet18", "resnet18"), ROWS,
+               RESULTS, run, table, skip=lambda m, r: r == "oracle-top" and m != "lcnet")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,10 @@ shape of a convolution's own transpose), as a user synapse module through ``syna
 It prints a table (test accuracy after each epoch, each inner site's median update angle to
 backprop's gradient after epoch 1) and writes benchmarks/results/feedback_probe.json.
 
-    python3 benchmarks/feedback_probe.py                       # resnet18, presnet18, lcnet; seeds 0 1
+    python3 benchmarks/feedback_probe.py                   # resnet18, presnet18, lcnet; seeds 0 1
     python3 benchmarks/feedback_probe.py --models lcnet --rows default chain-conv --seeds 0
 """
-import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -37,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxlra
-from fxlra.data import load_digits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cnn_probe  # noqa: E402
 import learning  # noqa: E402
 
 RESULTS = os.path.join(learning.HERE, "results", "feedback_probe.json")
@@ -140,29 +138,11 @@ def table(cells):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["resnet18", "presnet18", "lcnet"],
-                   choices=["resnet18", "presnet18", "lcnet", "cnn_bn"])
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--table", action="store_true", help="print the stored table and stop")
-    args = p.parse_args(argv)
-    if args.table:
-        with open(RESULTS) as f:
-            print(table(json.load(f)["cells"]))
-        return
-    torch.set_num_threads(args.threads)
-    data, cells = load_digits(), []
-    for model_name in args.models:
-        for row in args.rows:
-            for seed in args.seeds:
-                cells.append(run(model_name, row, seed, args.epochs, data))
-                print(f"{model_name} {row} seed {seed}: {cells[-1]['accuracy']}", flush=True)
-                with open(RESULTS, "w") as f:
-                    json.dump({"cells": cells}, f, indent=1)
-    print(table(cells))
+    # a model without residual blocks (the locally connected CNN) has no layer-chain-conv
+    # of its own: with every activation a site, it is its chain-conv
+    cnn_probe.probe_main(argv, __doc__.split("\n\n")[0], ("resnet18", "presnet18", "lcnet"),
+                         ROWS, RESULTS, run, table,
+                         skip=lambda m, r: r == "layer-chain-conv" and m == "lcnet")
 
 
 if __name__ == "__main__":

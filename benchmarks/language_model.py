@@ -30,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "language_model.json")
 
 # variant -> fxlra.compile options (None: backprop)
-VARIANTS = {"bp": None, "default": {}, "paper": {"preset": "paper"}}
+VARIANTS = {"bp": None, "default": {}, "paper": {"preset": "paper"},
+            "hebbian-z": {"error_rule": "hebbian-z"}}
 
 
 def corpus(train_bytes, held_bytes):
