@@ -6,6 +6,7 @@ every machine has it. A benchmark, not a test: it prints a table and writes JSON
 
     python3 benchmarks/language_model.py                 # 3 epochs of 150 steps: every variant
     python3 benchmarks/language_model.py --epochs 1 --steps 50 --variants default
+    python3 benchmarks/language_model.py --family llama       # results/language_model_llama.json
 
 The model goes through ``fxlra.compile``'s torch.export frontend (symbolic tracing cannot trace
 it). Held-out loss is the mean cross-entropy per byte (nats) over fixed held-out windows;
@@ -28,10 +29,13 @@ import fxlra
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "language_model.json")
+LLAMA_RESULTS = os.path.join(HERE, "results", "language_model_llama.json")
 
 # variant -> fxlra.compile options (None: backprop)
 VARIANTS = {"bp": None, "default": {}, "paper": {"preset": "paper"},
-            "hebbian-z": {"error_rule": "hebbian-z"}}
+            "hebbian-z": {"error_rule": "hebbian-z"},
+            # the norms' input-VJP off (the residual stream's displacements among them)
+            "norm-pass": {"norm_error": "pass"}}
 
 
 def corpus(train_bytes, held_bytes):
@@ -61,8 +65,17 @@ def unigram_loss(train, held):
 
 
 def make_model(args, seed):
+    """GPT-2 (LayerNorms), or with ``--family llama`` Llama (RMSNorms written out, rotary
+    positions, a SwiGLU MLP of twice the width), at the same sizes."""
     import transformers
     torch.manual_seed(seed)
+    if args.family == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=256, hidden_size=args.width, intermediate_size=2 * args.width,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.heads, max_position_embeddings=args.context,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        return transformers.LlamaForCausalLM(config).train()
     config = transformers.GPT2Config(vocab_size=256, n_positions=args.context, n_embd=args.width,
                                      n_layer=args.layers, n_head=args.heads,
                                      bos_token_id=0, eos_token_id=0)
@@ -125,6 +138,7 @@ def table(results, unigram):
 
 def add_model_args(p, out):
     """The model, optimizer and data arguments this benchmark and its probe share."""
+    p.add_argument("--family", choices=("gpt2", "llama"), default="gpt2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
@@ -152,8 +166,9 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, default=150, help="steps per epoch")
-    add_model_args(p, RESULTS)
+    add_model_args(p, None)
     args = p.parse_args(argv)
+    args.out = args.out or (LLAMA_RESULTS if args.family == "llama" else RESULTS)
     train, held, held_x, held_y, unigram, files = setup(args)
     results = []
     for variant in args.variants:

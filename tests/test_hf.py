@@ -36,6 +36,10 @@ def _llama():
 
 
 MODELS = {"bert": _bert, "gpt2": _gpt2, "vit": _vit, "llama": _llama}
+# the norm that reads the residual stream's sites (fxlra/analysis/normed.py): BERT normalises
+# after each residual add (its sites are the norms' outputs), the others before each block;
+# Llama's RMSNorm is written out as pow / mean / rsqrt
+NORMED = {"bert": set(), "gpt2": {"layer"}, "vit": {"layer"}, "llama": {"rms"}}
 
 
 def _batch(kind, classes, batch, tokens):
@@ -54,6 +58,7 @@ def test_a_hugging_face_model_compiles_through_export_and_matches_the_reference(
     x, y = _batch(kind, classes, 3, tokens)
     prog = fxlra.compile(model, example_inputs=x)
     assert prog.frontend == "export" and "torch.fx could not trace it" in repr(prog)
+    assert {kind for _, kind, _ in prog.plan.normed} == NORMED[name]
     names = {f"model.{n}" for n, p in model.named_parameters()}
     assert names <= set(dict(prog.named_parameters()))
     assert_matches_reference(prog, x, y, seed=0)           # dropout draws the same masks

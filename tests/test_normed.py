@@ -120,6 +120,50 @@ def test_both_frontends_find_the_same_normed_sites():
     assert fx == export == tuple((name, "rms", 1e-4) for name in READ["F.rms_norm"])
 
 
+class _WrittenRMS(nn.Module):
+    """An RMSNorm written out as Hugging Face writes it (``dim``: the axis of its mean)."""
+
+    def __init__(self, f, dim=-1, keepdim=True):
+        super().__init__()
+        self.weight, self.dim, self.keepdim = nn.Parameter(torch.ones(f)), dim, keepdim
+
+    def forward(self, h):
+        h = h.to(torch.float64)
+        variance = h.pow(2).mean(self.dim, keepdim=self.keepdim)
+        if not self.keepdim:
+            variance = variance[..., None]
+        return self.weight * (h * torch.rsqrt(variance + 1e-3))
+
+
+class _WrittenPreNorm(nn.Module):
+    def __init__(self, **norm):
+        super().__init__()
+        self.embed, self.norm, self.fc = nn.Linear(4, 6), _WrittenRMS(6, **norm), nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        return self.head(torch.tanh(self.fc(self.norm(h))))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_an_rms_norm_written_out_is_found_and_the_program_equals_the_reference(frontend):
+    x, y = _batch()
+    torch.manual_seed(0)
+    prog = fxlra.compile(_WrittenPreNorm().double(), example_inputs=x, frontend=frontend)
+    assert prog.plan.normed == (("tanh", "rms", 1e-3),)
+    assert_matches_reference(prog, x, y)
+
+
+@pytest.mark.parametrize("norm", [dict(dim=1), dict(keepdim=False)])
+def test_a_written_out_norm_the_pattern_does_not_cover_is_left_alone(norm):
+    """A mean over another axis is no norm over the features; a mean reshaped before the
+    rsqrt is one, but not the pattern fxlra matches: both leave the displacement alone."""
+    x, _ = _batch()
+    model = _WrittenPreNorm(**norm).double()
+    assert fxlra.compile(model, example_inputs=x).plan.normed == ()
+
+
 class _TwoAxisNorm(nn.Module):
     """A LayerNorm over (T, f) reads the site: not a norm over the features alone."""
 

@@ -96,9 +96,9 @@ def through_norm(d, z, kind, eps):
     its affine weight), at z's own statistics: "layer" (LayerNorm), "rms" (RMSNorm; eps None:
     the dtype's). The map is symmetric, so a synapse's weight-gradient through it is its own
     weight-gradient of ``through_norm(c)``."""
-    z = z.to(d.dtype)
-    if eps is None:
+    if eps is None:                          # the norm's own default: its input's dtype's
         eps = torch.finfo(z.dtype).eps
+    z = z.to(d.dtype)
     if kind == "layer":
         z = z - z.mean(-1, keepdim=True)
         d = d - d.mean(-1, keepdim=True)
