@@ -76,11 +76,7 @@ class LeastSquares:
 
 
 def run(model_name, row, seed, epochs, data):
-    build, shape, extra = learning.MODELS[model_name]
-    x_train, y_train, x_test, y_test = data
-    x_train, x_test = x_train.view(-1, *shape), x_test.view(-1, *shape)
-    torch.manual_seed(seed)
-    model = build()
+    model, extra, (x_train, y_train, x_test, y_test) = learning.cell(model_name, seed, data)
     prog = fxlra.compile(model, **extra, example_inputs=(x_train[:2],))
     top = TOP_SITE[model_name]
     fitted = {"lsq": list(prog.plan.edges),
@@ -121,22 +117,28 @@ def run(model_name, row, seed, epochs, data):
             "angles": angles, "seconds": time.perf_counter() - start}
 
 
-def table(cells):
+def probe_table(cells, rows, angle_head, angle_cell):
+    """Markdown: per model and row, the mean accuracy after each epoch, the last epoch's per
+    seed, and ``angle_cell(cells of the row)`` under ``angle_head``."""
     out = ["| model | row | accuracy after each epoch (mean over seeds) | last epoch, per seed "
-           "| update angle per inner site, last epoch (deg, mean) |", "|---|---|---|---|---|"]
+           f"| {angle_head} |", "|---|---|---|---|---|"]
     for model_name in dict.fromkeys(c["model"] for c in cells):
-        for row in ROWS:
+        for row in rows:
             mine = [c for c in cells if c["model"] == model_name and c["row"] == row]
             if not mine:
                 continue
-            mean = [statistics.mean(v) for v in zip(*(c["accuracy"] for c in mine))]
-            sites = mine[0]["angles"]
-            angle = ", ".join(f"{s} {statistics.mean(c['angles'][s] for c in mine):.0f}"
-                              for s in sites)
-            curve = " / ".join(f"{a:.1f}" for a in mean)
+            curve = " / ".join(f"{statistics.mean(v):.1f}"
+                               for v in zip(*(c["accuracy"] for c in mine)))
             last = ", ".join(f"{c['accuracy'][-1]:.1f}" for c in mine)
-            out.append(f"| {model_name} | {row} | {curve} | {last} | {angle} |")
+            out.append(f"| {model_name} | {row} | {curve} | {last} | {angle_cell(mine)} |")
     return "\n".join(out)
+
+
+def table(cells):
+    return probe_table(cells, ROWS, "update angle per inner site, last epoch (deg, mean)",
+                       lambda mine: ", ".join(
+                           f"{s} {statistics.mean(c['angles'][s] for c in mine):.0f}"
+                           for s in mine[0]["angles"]))
 
 
 def probe_main(argv, description, models, rows, results, run, table, skip=None):

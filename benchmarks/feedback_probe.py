@@ -96,11 +96,7 @@ def _site_shapes(prog, example):
 
 
 def run(model_name, row, seed, epochs, data):
-    build, shape, extra = learning.MODELS[model_name]
-    x_train, y_train, x_test, y_test = data
-    x_train, x_test = x_train.view(-1, *shape), x_test.view(-1, *shape)
-    torch.manual_seed(seed)
-    model = build()
+    model, extra, (x_train, y_train, x_test, y_test) = learning.cell(model_name, seed, data)
     prog = compile_row(model, row, extra, x_train[:2])
     opt = torch.optim.Adam(prog.parameters(), lr=1e-3)
     order = torch.Generator().manual_seed(seed)
@@ -120,21 +116,12 @@ def run(model_name, row, seed, epochs, data):
 
 
 def table(cells):
-    out = ["| model | row | accuracy after each epoch (mean over seeds) | last epoch, per seed "
-           "| worst / median inner site angle after epoch 1 (deg, mean) |", "|---|---|---|---|---|"]
-    for model_name in dict.fromkeys(c["model"] for c in cells):
-        for row in ROWS:
-            mine = [c for c in cells if c["model"] == model_name and c["row"] == row]
-            if not mine:
-                continue
-            curve = " / ".join(f"{statistics.mean(v):.1f}"
-                               for v in zip(*(c["accuracy"] for c in mine)))
-            last = ", ".join(f"{c['accuracy'][-1]:.1f}" for c in mine)
-            worst = statistics.mean(max(c["angles"].values()) for c in mine)
-            median = statistics.mean(statistics.median(c["angles"].values()) for c in mine)
-            out.append(f"| {model_name} | {row} | {curve} | {last} | {worst:.0f} / "
-                       f"{median:.0f} |")
-    return "\n".join(out)
+    def angles(mine):
+        worst = statistics.mean(max(c["angles"].values()) for c in mine)
+        median = statistics.mean(statistics.median(c["angles"].values()) for c in mine)
+        return f"{worst:.0f} / {median:.0f}"
+    return cnn_probe.probe_table(
+        cells, ROWS, "worst / median inner site angle after epoch 1 (deg, mean)", angles)
 
 
 def main(argv=None):

@@ -147,13 +147,17 @@ def _angles(prog, model, x, y):
     return {s: statistics.median(a) for s, a in per_site.items()}
 
 
-def run(model_name, variant, seed, epochs, data, lr=1e-3, batch=32):
-    """Train one cell; return its per-epoch test accuracy and (rec-LRA) angles after epoch 1."""
+def cell(model_name, seed, data):
+    """(the model built from ``seed``, its extra compile options, the digits shaped for it)."""
     build, shape, extra = MODELS[model_name]
     x_train, y_train, x_test, y_test = data
-    x_train, x_test = x_train.view(-1, *shape), x_test.view(-1, *shape)
     torch.manual_seed(seed)
-    model = build()
+    return build(), extra, (x_train.view(-1, *shape), y_train, x_test.view(-1, *shape), y_test)
+
+
+def run(model_name, variant, seed, epochs, data, lr=1e-3, batch=32):
+    """Train one cell; return its per-epoch test accuracy and (rec-LRA) angles after epoch 1."""
+    model, extra, (x_train, y_train, x_test, y_test) = cell(model_name, seed, data)
     options = dict(VARIANTS[variant] or {})
     decay = options.pop("synapse_weight_decay", 0.0)    # not an fxlra option: the optimizer's
     synapse_lr = lr * options.pop("synapse_lr_scale", 1.0)  # the same: the synapses' own lr
