@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxlra
+from fxlra.frontend import shapes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cnn_probe  # noqa: E402
@@ -83,16 +84,11 @@ def compile_row(model, row, extra, example):
     if not conv:
         return fxlra.compile(model, **kwargs)
     probe = fxlra.compile(copy.deepcopy(model), **kwargs)
-    shapes = _site_shapes(probe, example)
-    convs = {(e.parent, e.child): ConvFeedback(e.in_features, e.out_features, shapes[e.child])
+    nodes = {n.name: n for n in probe.graph_module.graph.nodes}   # their recorded shapes
+    convs = {(e.parent, e.child): ConvFeedback(e.in_features, e.out_features,
+                                               shapes.shape_of(nodes[e.child])[2:])
              for e in probe.plan.edges if probe.synapses[e.key].kind == "pointwise"}
     return fxlra.compile(model, synapses=convs, **kwargs)
-
-
-def _site_shapes(prog, example):
-    """Each site's spatial size on the example batch (from the reference's signals)."""
-    sig = prog.reference_signals(example, torch.zeros(len(example), dtype=torch.long))
-    return {name: tuple(z.shape[2:]) for name, z in sig.errors.items()}
 
 
 def run(model_name, row, seed, epochs, data):

@@ -189,7 +189,7 @@ class _ChannelsFirst(nn.Module):
 
 @pytest.mark.parametrize("model, x", [(_TwoAxisNorm, torch.randn(2, 3, 4)),
                                       (_ChannelsFirst, torch.randn(2, 1, 5, 5))])
-def test_other_norms_leave_the_displacement_alone(model, x):
+def test_other_norms_are_not_counted_as_reading_the_site(model, x):
     prog = fxlra.compile(model(), example_inputs=x)
     assert prog.plan.normed == ()
 

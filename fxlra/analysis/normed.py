@@ -23,16 +23,23 @@ def reading_norms(gm, sites, outputs, modules):
         features_last = s.layout.kind == "vector" or s.layout.channel_dim == -1
         if s.name in outputs or not features_last:
             continue
-        node = nodes[s.name]
-        for user in node.users:
-            spec = registry.feature_norm(user, modules) if user.args and user.args[0] is node \
-                else None
-            spec = spec or _written_rms(node) or (_written_rms(user) if _name(user) in _CASTS
-                                                   and user.args[0] is node else None)
-            if spec is not None:
-                found.append((s.name, *spec))
-                break
+        spec = _reader_norm(nodes[s.name], modules)
+        if spec is not None:
+            found.append((s.name, *spec))
     return tuple(found)
+
+
+def _reader_norm(node, modules):
+    """(kind, eps) of the first user of ``node`` that normalises it: a norm op reading it, else
+    the written-out RMSNorm of ``node`` itself, else one of a dtype cast of it."""
+    written = _written_rms(node)
+    for user in node.users:
+        first = bool(user.args) and user.args[0] is node
+        spec = (registry.feature_norm(user, modules) if first else None) or written or \
+            (_written_rms(user) if first and _name(user) in _CASTS else None)
+        if spec is not None:
+            return spec
+    return None
 
 
 def _name(node):
